@@ -1,0 +1,284 @@
+"""One TCP (or Unix) connection owned by an event loop.
+
+A ``Conn`` is what the handler callbacks receive.  Writes made on the loop's
+thread go into the loop's write batch (sent by one C call per iteration);
+when the socket refuses bytes the rest is kept in the connection's backlog and
+sent with ``writev`` once the socket is writable again.  Past the high-water
+mark the connection stops being read until the backlog drains below the
+low-water mark, so a peer that does not read cannot grow our memory.
+
+Closing is always deferred to the end of the loop iteration: the fd number is
+reused by the kernel at once, so closing it while writes or records of this
+iteration still name it would hand them to a stranger.
+"""
+
+import threading
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
+
+from . import _sys
+from .errors import ConnClosedError, WriteBufferFullError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .loop import EventLoop
+    from .timers import TimerHandle
+
+Address = Union[Tuple[str, int], str]
+
+OPEN = 0
+CLOSING = 1
+CLOSED = 2
+
+_get_ident = threading.get_ident
+
+
+class Conn:
+    """A connection: ``write``, ``close``, a session slot, addresses, deadlines.
+
+    Created by the loop, never by users.  Every method may be called from the
+    loop's thread; ``write`` and ``close`` may also be called from any other
+    thread (they are handed to the loop, in order).
+    """
+
+    __slots__ = (
+        "_loop", "_fd", "_handler", "session", "_state", "_born", "_backlog",
+        "_pending", "_read_paused", "_user_paused", "_writing", "_close_err",
+        "_abort", "_read_timer", "_write_timer", "_laddr", "_raddr", "_task",
+        "__weakref__",
+    )
+
+    def __init__(self, loop: "EventLoop", fd: int, handler: Any, born: int) -> None:
+        self._loop = loop
+        self._fd = fd
+        self._handler = handler
+        #: Free slot for the handler's per-connection state (the Go ``Session``).
+        self.session: Any = None
+        self._state = OPEN
+        self._born = born
+        self._backlog: List[Any] = []
+        self._pending = 0
+        self._read_paused = False  # paused by the write high-water mark
+        self._user_paused = False  # paused by pause_reading()
+        self._writing = False      # write interest registered with the poller
+        self._close_err: Optional[BaseException] = None
+        self._abort = False
+        self._read_timer: Optional["TimerHandle"] = None
+        self._write_timer: Optional["TimerHandle"] = None
+        self._laddr: Optional[Address] = None
+        self._raddr: Optional[Address] = None
+        self._task: Any = None  # the task-mode runner's per-connection state
+
+    # -- public API -------------------------------------------------------
+
+    def fileno(self) -> int:
+        """The socket's file descriptor (-1 once closed)."""
+        return self._fd if self._state != CLOSED else -1
+
+    @property
+    def loop(self) -> "EventLoop":
+        """The event loop that owns this connection."""
+        return self._loop
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called or the connection ended."""
+        return self._state != OPEN
+
+    @property
+    def local_address(self) -> Address:
+        """The local address: ``(host, port)``, or a path for Unix sockets."""
+        if self._laddr is None:
+            self._laddr = _sys.sockaddr(self._fd, False)
+        return self._laddr
+
+    @property
+    def remote_address(self) -> Address:
+        """The peer's address: ``(host, port)``, or a path (often ``""``) for Unix sockets."""
+        if self._raddr is None:
+            self._raddr = _sys.sockaddr(self._fd, True)
+        return self._raddr
+
+    def set_session(self, session: Any) -> None:
+        """Store per-connection state (same as assigning ``conn.session``)."""
+        self.session = session
+
+    def get_session(self) -> Any:
+        """Return the per-connection state stored with ``set_session``."""
+        return self.session
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes accepted by ``write`` and not yet handed to the kernel."""
+        return self._pending
+
+    @property
+    def reading_paused(self) -> bool:
+        """True while the connection is not read (backpressure or ``pause_reading``)."""
+        return self._read_paused or self._user_paused
+
+    def write(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        """Queue ``data`` for sending; never blocks.
+
+        ``bytes`` are kept by reference, ``bytearray`` and ``memoryview`` are
+        copied, so the caller may reuse its buffer at once.  Raises
+        ``ConnClosedError`` once the connection is closed or closing, and
+        ``TypeError`` for anything that is not a bytes-like object.
+        """
+        if self._state != OPEN:
+            raise ConnClosedError("write on a closed connection (fd was {})".format(self._fd))
+        loop = self._loop
+        if loop._thread_id != _get_ident():
+            loop.call_soon_threadsafe(self._write_from_thread, _owned_bytes(data))
+            return
+        if self._backlog:
+            self._queue(_owned_bytes(data))
+        else:
+            loop._add_write(self, data)
+
+    def close(self) -> None:
+        """Close after sending what was written; ``on_close`` follows with ``err=None``.
+
+        Idempotent, and safe from any thread.  No ``on_data`` is delivered
+        after ``close()`` returns on the loop's thread.
+        """
+        loop = self._loop
+        if loop._thread_id != _get_ident():
+            loop.call_soon_threadsafe(self.close)
+            return
+        if self._state == OPEN:
+            self._state = CLOSING
+            loop._close_queue.append(self)
+
+    def abort(self, err: Optional[BaseException] = None) -> None:
+        """Close at once, dropping unsent data; ``on_close`` gets ``err``."""
+        loop = self._loop
+        if loop._thread_id != _get_ident():
+            loop.call_soon_threadsafe(self.abort, err)
+            return
+        self._fail(err)
+
+    def pause_reading(self) -> None:
+        """Stop delivering ``on_data`` until ``resume_reading()``."""
+        if not self._user_paused and self._state == OPEN:
+            self._user_paused = True
+            self._update_interest()
+
+    def resume_reading(self) -> None:
+        """Undo ``pause_reading()``."""
+        if self._user_paused and self._state == OPEN:
+            self._user_paused = False
+            self._update_interest()
+
+    def call_later(self, delay: float, callback: Any, *args: Any) -> "TimerHandle":
+        """Run ``callback(*args)`` on the loop after ``delay`` seconds, unless the
+        connection closed first (the timer is cancelled with the connection)."""
+        return self._loop.call_later(delay, self._timer_fired, callback, args)
+
+    def __repr__(self) -> str:
+        state = ("open", "closing", "closed")[self._state]
+        return "<pulse.Conn fd={} {}>".format(self._fd, state)
+
+    # -- loop side --------------------------------------------------------
+
+    def _timer_fired(self, callback: Any, args: Tuple[Any, ...]) -> None:
+        if self._state == OPEN:
+            callback(*args)
+
+    def _write_from_thread(self, data: bytes) -> None:
+        if self._state != OPEN:
+            return  # closed while the write was in flight: the writer was told by close
+        if self._backlog:
+            self._queue(data)
+        else:
+            self._loop._add_write(self, data)
+
+    def _queue(self, data: Any) -> None:
+        """Append to the backlog and apply the water marks."""
+        self._backlog.append(data)
+        self._pending += len(data)
+        loop = self._loop
+        if self._pending > loop.write_buffer_high_water:
+            limit = loop.write_buffer_limit
+            if limit and self._pending > limit:
+                self._fail(WriteBufferFullError(
+                    "write buffer of {} bytes passed write_buffer_limit={}".format(
+                        self._pending, limit)))
+                return
+            if not self._read_paused:
+                self._read_paused = True
+                self._update_interest()
+                return
+        if not self._writing:
+            self._update_interest()
+
+    def _update_interest(self) -> None:
+        """Tell the poller what this connection waits for now."""
+        if self._state == CLOSED:
+            return
+        write = bool(self._backlog)
+        read = not (self._read_paused or self._user_paused) and self._state == OPEN
+        self._writing = write
+        loop = self._loop
+        try:
+            loop._poller.watch(self._fd, read, write, loop.edge)
+        except OSError as exc:
+            self._fail(exc)
+
+    def _on_writable(self) -> None:
+        """The socket accepts bytes again: send the backlog with writev."""
+        backlog = self._backlog
+        if not backlog:
+            return
+        while backlog:
+            chunk = backlog[:64]  # IOV_MAX is 1024; 64 keeps each call cheap
+            try:
+                sent = _sys.writev(self._fd, chunk) if len(chunk) > 1 else _sys.send(self._fd, chunk[0])
+            except OSError as exc:
+                self._fail(exc)
+                return
+            if sent is None:
+                break
+            self._loop.bytes_out += sent
+            self._pending -= sent
+            done = 0
+            for item in chunk:
+                size = len(item)
+                if sent >= size:
+                    sent -= size
+                    done += 1
+                else:
+                    if sent:
+                        chunk_rest = memoryview(item)[sent:]
+                        backlog[done] = chunk_rest
+                    break
+            del backlog[:done]
+            if done < len(chunk):
+                break  # short write: the socket is full again
+        loop = self._loop
+        if self._read_paused and self._pending <= loop.write_buffer_low_water:
+            self._read_paused = False
+            self._update_interest()
+        elif not backlog:
+            self._update_interest()
+        if not backlog and self._state == CLOSING:
+            loop._close_queue.append(self)
+
+    def _fail(self, err: Optional[BaseException]) -> None:
+        """Abort: drop unsent data and close with ``err`` at the end of this iteration."""
+        if self._state == CLOSED:
+            return
+        if self._close_err is None:
+            self._close_err = err
+        self._abort = True
+        if self._state == OPEN:
+            self._state = CLOSING
+        self._loop._close_queue.append(self)
+
+
+def _owned_bytes(data: Any) -> bytes:
+    """``data`` as bytes the caller cannot mutate afterwards (copied unless ``bytes``)."""
+    if type(data) is bytes:
+        return data
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError("write() takes bytes, bytearray or memoryview, got {}".format(
+        type(data).__name__))

@@ -1,0 +1,17 @@
+"""Exceptions that pulse raises or hands to ``on_close``."""
+
+
+class PulseError(Exception):
+    """Base class of pulse's own exceptions."""
+
+
+class ConnClosedError(ConnectionError, PulseError):
+    """The connection is closed (or closing): it accepts no more writes."""
+
+
+class WriteBufferFullError(ConnectionError, PulseError):
+    """The write buffer passed its hard cap (``write_buffer_limit``); the connection was closed."""
+
+
+class ServerStateError(RuntimeError, PulseError):
+    """The server or loop is in the wrong state for the call (serve twice, ...)."""

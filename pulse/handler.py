@@ -1,0 +1,61 @@
+"""The callback API: a ``Handler`` base class and ``callbacks()`` to build one.
+
+A handler is any object with ``on_open(conn)``, ``on_data(conn, data)`` and
+``on_close(conn, err)``.  Subclass ``Handler`` to get no-op defaults, or pass
+three plain functions to ``callbacks`` (the Go library's ``ToCallback``).
+"""
+
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .conn import Conn
+
+
+class Handler:
+    """Base class for connection handlers; every callback defaults to a no-op.
+
+    ``on_open`` runs once when a connection is established, ``on_data`` for
+    every chunk received (``bytes``; a ``memoryview`` valid only during the
+    call with ``zero_copy=True``), and ``on_close`` exactly once per opened
+    connection, with ``err`` ``None`` on a clean close (peer EOF, ``close()``,
+    server stop) or the exception that ended it.
+    """
+
+    def on_open(self, conn: "Conn") -> None:
+        """Called once, when the connection is established."""
+
+    def on_data(self, conn: "Conn", data: Any) -> None:
+        """Called for every chunk of bytes received."""
+
+    def on_close(self, conn: "Conn", err: Optional[BaseException]) -> None:
+        """Called exactly once when the connection is gone."""
+
+
+class _FunctionHandler(Handler):
+    """A ``Handler`` whose callbacks are plain functions (see ``callbacks``)."""
+
+    def __init__(self, on_open: Optional[Callable[..., None]],
+                 on_data: Optional[Callable[..., None]],
+                 on_close: Optional[Callable[..., None]]) -> None:
+        for name, func in (("on_open", on_open), ("on_data", on_data), ("on_close", on_close)):
+            if func is not None:
+                if not callable(func):
+                    raise TypeError("{} must be callable, got {!r}".format(name, func))
+                setattr(self, name, func)
+
+
+def callbacks(on_open: Optional[Callable[["Conn"], None]] = None,
+              on_data: Optional[Callable[["Conn", Any], None]] = None,
+              on_close: Optional[Callable[["Conn", Optional[BaseException]], None]] = None,
+              ) -> Handler:
+    """Build a handler from up to three functions; missing ones are no-ops."""
+    return _FunctionHandler(on_open, on_data, on_close)
+
+
+def check_handler(handler: Any) -> Any:
+    """Return ``handler`` if it has the three callbacks, else raise ``TypeError``."""
+    missing = [name for name in ("on_open", "on_data", "on_close")
+               if not callable(getattr(handler, name, None))]
+    if missing:
+        raise TypeError("handler {!r} lacks callable {}".format(handler, ", ".join(missing)))
+    return handler

@@ -1,0 +1,483 @@
+"""The reactor: one event loop per thread over the platform poller.
+
+One iteration is four steps, each as few C calls as possible:
+
+1. ``poll_read``: one C call waits for events and reads every readable socket
+   into the read arena, returning flat ``(fd, flags, offset, length)`` records;
+2. dispatch: Python walks the records and runs the callbacks;
+3. flush: every write queued during the iteration goes out in one C call;
+4. close: connections closed during the iteration are closed for real.
+
+Why the close step is last: the kernel hands a closed fd number to the next
+``accept`` at once, so an fd closed mid-iteration could be reused while
+records or queued writes of this iteration still name it.  Closing last, and
+ignoring records for a connection accepted during the current batch
+(``Conn._born``), keeps every byte with the connection it belongs to.
+"""
+
+import collections
+import errno
+import logging
+import os
+import socket
+import threading
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+from . import _sys
+from .conn import CLOSED, CLOSING, OPEN, Conn
+from .errors import ServerStateError
+from .options import Options
+from .timers import TimerHandle, Timers, monotonic
+
+logger = logging.getLogger("pulse")
+
+# Writes up to this size are copied into the write arena (a memcpy is cheaper
+# than pinning the object for cffi); larger ones are passed by pointer.
+SMALL_WRITE = 16 * 1024
+WRITE_ARENA_SIZE = 1024 * 1024
+WRITE_MAX_ITEMS = 4096
+ACCEPT_BURST = 64
+# After EMFILE/ENFILE the listener is parked this long instead of spinning on
+# a level-triggered event that accept cannot clear.
+ACCEPT_BACKOFF = 0.1
+
+_EOF, _ERROR, _READ, _WRITABLE = _sys.EOF, _sys.ERROR, _sys.READ, _sys.WRITABLE
+_MORE, _SPECIAL, _UNREAD = _sys.MORE, _sys.SPECIAL, _sys.UNREAD
+_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class EventLoop:
+    """An event loop: owns a poller, the connections it accepted, timers and
+    the write batch.  ``run()`` blocks in the calling thread until ``stop()``.
+
+    Most users never touch it directly: ``Server`` creates one.  Its
+    thread-safe entry points are ``call_soon_threadsafe`` and ``stop``.
+    """
+
+    def __init__(self, options: Optional[Options] = None) -> None:
+        opts = options or Options()
+        self.options = opts
+        self.edge = opts.edge
+        self.zero_copy = opts.zero_copy
+        self.write_buffer_high_water = opts.write_buffer_high_water
+        self.write_buffer_low_water = opts.write_buffer_low_water
+        self.write_buffer_limit = opts.write_buffer_limit
+        self._read_size = opts.read_buffer_size
+        # Edge mode drains a socket over several calls (carrying it to the
+        # next one) so that one busy peer cannot starve the others; level
+        # mode relies on the kernel reporting it again.
+        self._max_reads = opts.max_reads_per_event
+        self._poller = _sys.Poller(opts.max_events)
+        self._waker = _sys.Waker()
+        try:
+            self._waker.attach(self._poller)
+        except BaseException:
+            self._poller.close()
+            self._waker.close()
+            raise
+        arena_size = max(4 * 1024 * 1024, 4 * opts.read_buffer_size)
+        self._arena = _sys.ReadArena(arena_size, 4 * opts.max_events + 64)
+        self._wb = _sys.WriteBatch(WRITE_ARENA_SIZE, WRITE_MAX_ITEMS)
+        self._wcount = 0
+        self._wpos = 0
+        self._wlast: Optional[Conn] = None
+        self._wconns: List[Conn] = []
+        self._wobjs: Dict[int, Any] = {}
+        self._conns: Dict[int, Conn] = {}
+        self._specials: Dict[int, Callable[[], None]] = {}
+        self._carry: List[Conn] = []
+        self._close_queue: List[Conn] = []
+        self._ready: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = collections.deque()
+        self._timers = Timers()
+        self._batch = 0
+        self._thread_id: Optional[int] = None
+        self._stopping = False
+        self._closed = False
+        self._runner: Any = None
+        #: Counters for stats: bytes received and sent by all connections.
+        self.bytes_in = 0
+        self.bytes_out = 0
+        if self._waker.fileno() >= 0:
+            self._specials[self._waker.fileno()] = self._waker.drain
+
+    # -- public -----------------------------------------------------------
+
+    @property
+    def connections(self) -> int:
+        """Number of open connections."""
+        return len(self._conns)
+
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run ``callback(*args)`` on the loop's thread soon; callable from any thread."""
+        self._ready.append((callback, args))
+        if self._thread_id != threading.get_ident():
+            self._waker.wake()
+
+    call_soon = call_soon_threadsafe
+
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> TimerHandle:
+        """Run ``callback(*args)`` after ``delay`` seconds; returns a cancellable handle.
+
+        Call it on the loop's thread (from a callback); use
+        ``call_soon_threadsafe`` to schedule from elsewhere.
+        """
+        if delay != delay or delay < 0:
+            raise ValueError("delay must be >= 0 seconds, got {}".format(delay))
+        return self._timers.add(monotonic() + delay, callback, args)
+
+    def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> TimerHandle:
+        """Run ``callback(*args)`` at ``time.monotonic()`` time ``when``."""
+        return self._timers.add(when, callback, args)
+
+    def stop(self) -> None:
+        """Ask ``run()`` to return; safe from any thread and from signal handlers."""
+        self._stopping = True
+        self._waker.wake()
+
+    def add_listener(self, sock: socket.socket, handler: Any) -> None:
+        """Accept connections from the listening ``sock`` and serve them with ``handler``."""
+        sock.setblocking(False)
+        fd = sock.fileno()
+        self._specials[fd] = lambda: self._accept(sock, handler)
+        self._poller.add_special(fd)
+
+    # -- the loop ---------------------------------------------------------
+
+    def run(self, on_stop: Optional[Callable[[], None]] = None) -> None:
+        """Run until ``stop()``, then close every connection gracefully and return.
+
+        Connections get ``shutdown_timeout`` seconds to flush what was written
+        to them; ``on_stop`` runs once accepting has stopped.
+        """
+        if self._closed:
+            raise ServerStateError("the event loop is closed; create a new one")
+        if self._thread_id is not None:
+            raise ServerStateError("the event loop is already running")
+        self._thread_id = threading.get_ident()
+        try:
+            while not self._stopping:
+                self._run_once()
+            if on_stop is not None:
+                on_stop()
+            self._shutdown()
+        finally:
+            self._close()
+
+    def _run_once(self) -> None:
+        if self._ready or self._close_queue:
+            timeout = 0
+        else:
+            timeout = self._timers.timeout_ms(monotonic())
+        carry = self._carry
+        if carry:
+            self._carry = []
+            fds = [c._fd for c in carry
+                   if c._state == OPEN and not c._read_paused and not c._user_paused]
+        else:
+            fds = carry
+        count = self._poller.poll_read(timeout, self._arena, fds, self._read_size, self._max_reads)
+        self._batch += 1
+        if count:
+            self._dispatch(count)
+        if self._timers._heap:
+            self._run_timers()
+        if self._ready:
+            self._run_ready()
+        if self._wcount:
+            self._flush()
+        if self._close_queue:
+            self._close_phase()
+
+    def _dispatch(self, count: int) -> None:
+        arena = self._arena
+        records = arena.records[:4 * count].tolist()
+        data = arena.data
+        conns = self._conns
+        batch = self._batch
+        runner = self._runner
+        zero_copy = self.zero_copy
+        edge = self.edge
+        for k in range(0, 4 * count, 4):
+            flags = records[k + 1]
+            if flags & _SPECIAL:
+                special = self._specials.get(records[k])
+                if special is not None:
+                    special()
+                continue
+            conn = conns.get(records[k])
+            if conn is None or conn._born == batch:
+                continue  # closed, or a new connection that reused a stale fd number
+            if flags & _READ:
+                if conn._state != OPEN:
+                    continue  # closed by the user: no on_data after close()
+                off = records[k + 2]
+                size = records[k + 3]
+                self.bytes_in += size
+                payload = data[off:off + size]
+                if not zero_copy:
+                    payload = payload.tobytes()
+                if runner is None:
+                    try:
+                        conn._handler.on_data(conn, payload)
+                    except Exception as exc:  # noqa: BLE001 - a callback may raise anything
+                        self._callback_failed(conn, "on_data", exc)
+                else:
+                    runner.data(conn, payload)
+                if flags & _MORE and edge:
+                    self._carry.append(conn)
+            elif flags & _WRITABLE:
+                conn._on_writable()
+            elif flags & _EOF:
+                if conn._state == OPEN:
+                    conn._state = CLOSING
+                    self._close_queue.append(conn)
+                elif conn._state == CLOSING and not conn._backlog:
+                    self._close_queue.append(conn)
+            elif flags & _ERROR:
+                conn._fail(_os_error(-records[k + 3]))
+            elif flags & _UNREAD and edge:
+                self._carry.append(conn)
+
+    def _run_timers(self) -> None:
+        for handle in self._timers.pop_due(monotonic()):
+            try:
+                handle.callback(*handle.args)
+            except Exception:  # noqa: BLE001
+                logger.exception("pulse: timer callback %r raised", handle.callback)
+
+    def _run_ready(self) -> None:
+        ready = self._ready
+        # Only what is queued now: callbacks that queue more wait a turn.
+        for _ in range(len(ready)):
+            callback, args = ready.popleft()
+            try:
+                callback(*args)
+            except Exception:  # noqa: BLE001
+                logger.exception("pulse: callback %r raised", callback)
+
+    # -- writes -----------------------------------------------------------
+
+    def _add_write(self, conn: Conn, data: Any) -> None:
+        """Queue ``data`` for ``conn`` in this iteration's write batch."""
+        kind = type(data)
+        if kind is not bytes and kind is not bytearray:
+            if kind is not memoryview and not isinstance(data, (bytes, bytearray, memoryview)):
+                raise TypeError("write() takes bytes, bytearray or memoryview, got {}".format(
+                    kind.__name__))
+            data = memoryview(data).cast("B") if memoryview(data).format != "B" else data
+        size = len(data)
+        if not size:
+            return
+        if self._wcount >= WRITE_MAX_ITEMS or (size <= SMALL_WRITE
+                                               and self._wpos + size > WRITE_ARENA_SIZE):
+            self._flush()
+            if conn._state != OPEN:
+                return  # the flush found the connection dead; its on_close reports why
+            if conn._backlog:
+                conn._queue(bytes(data))
+                return
+        self.bytes_out += size
+        wb = self._wb
+        items = wb.items
+        count = self._wcount
+        if size <= SMALL_WRITE:
+            pos = self._wpos
+            wb.arena[pos:pos + size] = data
+            self._wpos = pos + size
+            if self._wlast is conn and items[3 * count - 2] >= 0 \
+                    and items[3 * count - 2] + items[3 * count - 1] == pos:
+                items[3 * count - 1] += size  # contiguous with its last write: one send
+                return
+            offset = pos
+        else:
+            if len(wb.keep) >= wb.max_pointers:
+                self._flush()
+                if conn._state != OPEN or conn._backlog:
+                    if conn._state == OPEN:
+                        conn._queue(bytes(data))
+                    return
+                count = 0
+            if kind is not bytes:
+                data = bytes(data)  # the caller may reuse its buffer once write() returns
+            offset = wb.pointer(data)
+            self._wobjs[count] = data
+        base = 3 * count
+        items[base] = conn._fd
+        items[base + 1] = offset
+        items[base + 2] = size
+        self._wconns.append(conn)
+        self._wcount = count + 1
+        self._wlast = conn
+
+    def _flush(self) -> None:
+        """Send the write batch; queue what the kernel did not take."""
+        count = self._wcount
+        if not count:
+            return
+        wb = self._wb
+        conns = self._wconns
+        objs = self._wobjs
+        self._wcount = 0
+        self._wpos = 0
+        self._wlast = None
+        self._wconns = []
+        self._wobjs = {}
+        if not wb.send(count):
+            return
+        items = wb.items[:3 * count].tolist()
+        results = wb.results[:count].tolist()
+        for i in range(count):
+            sent = results[i]
+            size = items[3 * i + 2]
+            if sent == size:
+                continue
+            conn = conns[i]
+            if sent < 0:
+                self.bytes_out -= size
+                conn._fail(_os_error(-sent))
+                continue
+            self.bytes_out -= size - sent
+            if conn._abort or conn._state == CLOSED:
+                continue
+            offset = items[3 * i + 1]
+            if offset >= 0:
+                rest: Any = wb.arena[offset + sent:offset + size].tobytes()
+            else:
+                rest = memoryview(objs[i])[sent:]
+            conn._queue(rest)
+
+    # -- connections ------------------------------------------------------
+
+    def _accept(self, sock: socket.socket, handler: Any) -> None:
+        lfd = sock.fileno()
+        if lfd < 0:
+            return
+        try:
+            fds = _sys.accept_batch(lfd, self._poller.fileno(), self.options.tcp_nodelay,
+                                    self.edge, ACCEPT_BURST)
+        except OSError as exc:
+            if exc.errno in _RESOURCE_ERRORS:
+                self._park_listener(sock, handler, exc)
+            else:
+                logger.error("pulse: accept on fd %d failed: %s", lfd, exc)
+            return
+        batch = self._batch
+        for fd in fds:
+            conn = Conn(self, fd, handler, batch)
+            self._conns[fd] = conn
+            self._opened(conn)
+
+    def _park_listener(self, sock: socket.socket, handler: Any, exc: OSError) -> None:
+        """Out of fds: stop watching the listener for a while instead of spinning."""
+        logger.warning("pulse: accept failed (%s); pausing accepts for %.0f ms with %d "
+                       "connections open", exc.strerror, ACCEPT_BACKOFF * 1000, len(self._conns))
+        lfd = sock.fileno()
+        self._poller.unregister(lfd)
+        self._specials.pop(lfd, None)
+
+        def resume() -> None:
+            if not self._stopping and sock.fileno() >= 0:
+                self.add_listener(sock, handler)
+        self.call_later(ACCEPT_BACKOFF, resume)
+
+    def adopt(self, fd: int, handler: Any) -> Conn:
+        """Serve an already connected, registered, non-blocking socket ``fd``."""
+        conn = Conn(self, fd, handler, self._batch)
+        self._conns[fd] = conn
+        self._opened(conn)
+        return conn
+
+    def _opened(self, conn: Conn) -> None:
+        if self.options.tcp_keepalive:
+            try:
+                _sys.setsockopt_int(conn._fd, socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            except OSError:
+                pass  # Unix sockets have no keepalive
+        if self._runner is not None:
+            self._runner.open(conn)
+            return
+        try:
+            conn._handler.on_open(conn)
+        except Exception as exc:  # noqa: BLE001
+            self._callback_failed(conn, "on_open", exc)
+
+    def _callback_failed(self, conn: Conn, name: str, exc: BaseException) -> None:
+        """A callback raised: log it and close that connection only."""
+        logger.error("pulse: %s raised on %r; closing the connection", name, conn,
+                     exc_info=(type(exc), exc, exc.__traceback__))
+        conn._fail(exc)
+
+    def _close_phase(self) -> None:
+        while self._close_queue:
+            queue = self._close_queue
+            self._close_queue = []
+            for conn in queue:
+                if conn._state == CLOSED:
+                    continue
+                if conn._backlog and not conn._abort:
+                    if not conn._writing:
+                        conn._update_interest()
+                    continue  # _on_writable queues it again once drained
+                self._finalize(conn)
+
+    def _finalize(self, conn: Conn) -> None:
+        conn._state = CLOSED
+        fd = conn._fd
+        if self._conns.get(fd) is conn:
+            del self._conns[fd]
+        for timer in (conn._read_timer, conn._write_timer):
+            if timer is not None:
+                timer.cancel()
+        conn._backlog = []
+        conn._pending = 0
+        forget = getattr(self._poller, "forget", None)
+        if forget is not None:
+            forget(fd)
+        try:
+            _sys.close(fd)
+        except OSError as exc:
+            logger.warning("pulse: close(fd=%d) failed: %s", fd, exc)
+        err = conn._close_err
+        if self._runner is not None:
+            self._runner.close(conn, err)
+            return
+        try:
+            conn._handler.on_close(conn, err)
+        except Exception:  # noqa: BLE001
+            logger.exception("pulse: on_close raised on %r", conn)
+
+    # -- shutdown ---------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        """Close every connection: flush what was written, within shutdown_timeout."""
+        for fd in list(self._specials):
+            if fd != self._waker.fileno():
+                self._poller.unregister(fd)
+                del self._specials[fd]
+        for conn in list(self._conns.values()):
+            if conn._state == OPEN:
+                conn._state = CLOSING
+                self._close_queue.append(conn)
+        deadline = monotonic() + self.options.shutdown_timeout
+
+        def force() -> None:
+            for conn in list(self._conns.values()):
+                conn._fail(None)
+        timer = self.call_at(deadline, force)
+        while self._conns or self._close_queue or self._wcount:
+            self._run_once()
+        timer.cancel()
+        while self._ready:
+            self._run_ready()
+        if self._runner is not None:
+            self._runner.shutdown()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._poller.close()
+        self._waker.close()
+
+
+def _os_error(code: int) -> OSError:
+    """An ``OSError`` of the right subclass (``ConnectionResetError``, ...) for ``code``."""
+    return OSError(code, os.strerror(code))
