@@ -41,8 +41,8 @@ class Conn:
 
     __slots__ = (
         "_loop", "_fd", "_handler", "session", "_state", "_born", "_backlog",
-        "_pending", "_read_paused", "_user_paused", "_writing", "_close_err",
-        "_abort", "_read_timer", "_write_timer", "_laddr", "_raddr", "_task",
+        "_pending", "_read_paused", "_user_paused", "_input_paused", "_writing", "_close_err",
+        "_abort", "_close_called", "_eof", "_read_timer", "_write_timer", "_laddr", "_raddr", "_task",
         "__weakref__",
     )
 
@@ -58,9 +58,12 @@ class Conn:
         self._pending = 0
         self._read_paused = False  # paused by the write high-water mark
         self._user_paused = False  # paused by pause_reading()
+        self._input_paused = False  # paused: the task runner has too much queued input
         self._writing = False      # write interest registered with the poller
         self._close_err: Optional[BaseException] = None
         self._abort = False
+        self._close_called = False  # close()/abort() was called, from any thread
+        self._eof = False  # the peer closed its side; waiting for queued callbacks
         self._read_timer: Optional["TimerHandle"] = None
         self._write_timer: Optional["TimerHandle"] = None
         self._laddr: Optional[Address] = None
@@ -81,7 +84,7 @@ class Conn:
     @property
     def closed(self) -> bool:
         """True once ``close()`` was called or the connection ended."""
-        return self._state != OPEN
+        return self._state != OPEN or self._close_called
 
     @property
     def local_address(self) -> Address:
@@ -113,7 +116,7 @@ class Conn:
     @property
     def reading_paused(self) -> bool:
         """True while the connection is not read (backpressure or ``pause_reading``)."""
-        return self._read_paused or self._user_paused
+        return self._read_paused or self._user_paused or self._input_paused
 
     def write(self, data: Union[bytes, bytearray, memoryview]) -> None:
         """Queue ``data`` for sending; never blocks.
@@ -123,7 +126,7 @@ class Conn:
         ``ConnClosedError`` once the connection is closed or closing, and
         ``TypeError`` for anything that is not a bytes-like object.
         """
-        if self._state != OPEN:
+        if self._state != OPEN or self._close_called:
             raise ConnClosedError("write on a closed connection (fd was {})".format(self._fd))
         loop = self._loop
         if loop._thread_id != _get_ident():
@@ -140,8 +143,11 @@ class Conn:
         Idempotent, and safe from any thread.  No ``on_data`` is delivered
         after ``close()`` returns on the loop's thread.
         """
+        self._close_called = True
         loop = self._loop
         if loop._thread_id != _get_ident():
+            if self._task is not None:
+                self._task.cancelled = True  # no on_data queued behind this call runs
             loop.call_soon_threadsafe(self.close)
             return
         if self._state == OPEN:
@@ -150,8 +156,11 @@ class Conn:
 
     def abort(self, err: Optional[BaseException] = None) -> None:
         """Close at once, dropping unsent data; ``on_close`` gets ``err``."""
+        self._close_called = True
         loop = self._loop
         if loop._thread_id != _get_ident():
+            if self._task is not None:
+                self._task.cancelled = True
             loop.call_soon_threadsafe(self.abort, err)
             return
         self._fail(err)
@@ -184,8 +193,8 @@ class Conn:
             callback(*args)
 
     def _write_from_thread(self, data: bytes) -> None:
-        if self._state != OPEN:
-            return  # closed while the write was in flight: the writer was told by close
+        if self._abort or self._state == CLOSED:
+            return  # aborted while the write was in flight: on_close says why
         if self._backlog:
             self._queue(data)
         else:
@@ -215,7 +224,8 @@ class Conn:
         if self._state == CLOSED:
             return
         write = bool(self._backlog)
-        read = not (self._read_paused or self._user_paused) and self._state == OPEN
+        read = self._state == OPEN and not (
+            self._read_paused or self._user_paused or self._input_paused or self._eof)
         self._writing = write
         loop = self._loop
         try:
@@ -261,6 +271,12 @@ class Conn:
             self._update_interest()
         if not backlog and self._state == CLOSING:
             loop._close_queue.append(self)
+
+    def _peer_closed(self) -> None:
+        """The peer sent FIN and every callback queued before it has run: close."""
+        if self._state == OPEN:
+            self._state = CLOSING
+            self._loop._close_queue.append(self)
 
     def _fail(self, err: Optional[BaseException]) -> None:
         """Abort: drop unsent data and close with ``err`` at the end of this iteration."""

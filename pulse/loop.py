@@ -172,7 +172,7 @@ class EventLoop:
         if carry:
             self._carry = []
             fds = [c._fd for c in carry
-                   if c._state == OPEN and not c._read_paused and not c._user_paused]
+                   if c._state == OPEN and not c.reading_paused]
         else:
             fds = carry
         count = self._poller.poll_read(timeout, self._arena, fds, self._read_size, self._max_reads)
@@ -228,11 +228,17 @@ class EventLoop:
             elif flags & _WRITABLE:
                 conn._on_writable()
             elif flags & _EOF:
-                if conn._state == OPEN:
-                    conn._state = CLOSING
-                    self._close_queue.append(conn)
-                elif conn._state == CLOSING and not conn._backlog:
-                    self._close_queue.append(conn)
+                if conn._state != OPEN:
+                    if not conn._backlog:
+                        self._close_queue.append(conn)  # closing anyway: the peer is gone
+                elif runner is None:
+                    conn._peer_closed()
+                elif not conn._eof:
+                    # Close once the callbacks queued before the FIN have run
+                    # (their replies must still go out); stop reading meanwhile.
+                    conn._eof = True
+                    conn._update_interest()
+                    runner.eof(conn)
             elif flags & _ERROR:
                 conn._fail(_os_error(-records[k + 3]))
             elif flags & _UNREAD and edge:
