@@ -12,17 +12,23 @@ reused by the kernel at once, so closing it while writes or records of this
 iteration still name it would hand them to a stranger.
 """
 
+import datetime
+import errno
+import socket
 import threading
+import time
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
 
 from . import _sys
 from .errors import ConnClosedError, WriteBufferFullError
+from .timers import monotonic
 
 if TYPE_CHECKING:  # pragma: no cover
     from .loop import EventLoop
     from .timers import TimerHandle
 
 Address = Union[Tuple[str, int], str]
+Deadline = Union[None, int, float, datetime.datetime]
 
 OPEN = 0
 CLOSING = 1
@@ -42,7 +48,8 @@ class Conn:
     __slots__ = (
         "_loop", "_fd", "_handler", "session", "_state", "_born", "_backlog",
         "_pending", "_read_paused", "_user_paused", "_input_paused", "_writing", "_close_err",
-        "_abort", "_close_called", "_eof", "_read_timer", "_write_timer", "_laddr", "_raddr", "_task",
+        "_abort", "_close_called", "_eof", "_read_timer", "_write_timer", "_idle_timer",
+        "_user_timers", "_active", "_laddr", "_raddr", "_task",
         "__weakref__",
     )
 
@@ -66,6 +73,9 @@ class Conn:
         self._eof = False  # the peer closed its side; waiting for queued callbacks
         self._read_timer: Optional["TimerHandle"] = None
         self._write_timer: Optional["TimerHandle"] = None
+        self._idle_timer: Optional["TimerHandle"] = None
+        self._user_timers: Optional[List["TimerHandle"]] = None
+        self._active = 0.0  # monotonic time of the last read or write (idle timeout)
         self._laddr: Optional[Address] = None
         self._raddr: Optional[Address] = None
         self._task: Any = None  # the task-mode runner's per-connection state
@@ -179,8 +189,103 @@ class Conn:
 
     def call_later(self, delay: float, callback: Any, *args: Any) -> "TimerHandle":
         """Run ``callback(*args)`` on the loop after ``delay`` seconds, unless the
-        connection closed first (the timer is cancelled with the connection)."""
-        return self._loop.call_later(delay, self._timer_fired, callback, args)
+        connection closed first (the timer is cancelled with the connection).
+
+        Call it on the loop's thread (in loop mode, from a callback).
+        """
+        self._check_open("call_later")
+        handle = self._loop.call_later(delay, self._timer_fired, callback, args)
+        timers = self._user_timers
+        if timers is None:
+            timers = self._user_timers = []
+        elif len(timers) >= 32:
+            # Forget handles that already ran or were cancelled: a long-lived
+            # connection that keeps scheduling must not grow this list.
+            timers[:] = [t for t in timers if t._timers is not None]
+        timers.append(handle)
+        return handle
+
+    def set_deadline(self, deadline: Deadline) -> None:
+        """Set both the read and the write deadline (see ``set_read_deadline``)."""
+        self.set_read_deadline(deadline)
+        self.set_write_deadline(deadline)
+
+    def set_read_deadline(self, deadline: Deadline) -> None:
+        """Close the connection with ``TimeoutError`` at ``deadline`` unless reset.
+
+        ``deadline`` is a timeout in seconds from now, an absolute
+        ``datetime``, or ``None`` to clear.  As in Go, a deadline is absolute:
+        receiving data does not extend it; set a new one to extend it.
+        Raises ``ConnClosedError`` on a closed connection.
+        """
+        self._set_deadline(deadline, True)
+
+    def set_write_deadline(self, deadline: Deadline) -> None:
+        """Close the connection with ``TimeoutError`` if data written before
+        ``deadline`` is still unsent at ``deadline`` (same forms as
+        ``set_read_deadline``)."""
+        self._set_deadline(deadline, False)
+
+    def set_nodelay(self, enabled: bool = True) -> None:
+        """Switch TCP_NODELAY (on by default); a no-op on Unix sockets."""
+        self._check_open("set_nodelay")
+        try:
+            _sys.setsockopt_int(self._fd, socket.IPPROTO_TCP, socket.TCP_NODELAY,
+                                1 if enabled else 0)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOPROTOOPT, errno.EINVAL):
+                raise
+
+    def set_keepalive(self, enabled: bool = True) -> None:
+        """Switch SO_KEEPALIVE for this connection."""
+        self._check_open("set_keepalive")
+        _sys.setsockopt_int(self._fd, socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1 if enabled else 0)
+
+    def _check_open(self, what: str) -> None:
+        if self._state != OPEN or self._close_called:
+            raise ConnClosedError("{} on a closed connection".format(what))
+
+    def _set_deadline(self, deadline: Deadline, read: bool) -> None:
+        self._check_open("set_read_deadline" if read else "set_write_deadline")
+        when = _deadline_time(deadline)
+        loop = self._loop
+        if loop._thread_id != _get_ident():
+            loop.call_soon_threadsafe(self._arm_deadline, when, read)
+        else:
+            self._arm_deadline(when, read)
+
+    def _arm_deadline(self, when: Optional[float], read: bool) -> None:
+        old = self._read_timer if read else self._write_timer
+        if old is not None:
+            old.cancel()
+        handle = None
+        if when is not None and self._state != CLOSED:
+            handle = self._loop.call_at(when, self._deadline_expired, read)
+        if read:
+            self._read_timer = handle
+        else:
+            self._write_timer = handle
+
+    def _deadline_expired(self, read: bool) -> None:
+        if read:
+            self._read_timer = None
+            self._fail(TimeoutError("read deadline exceeded"))
+        else:
+            self._write_timer = None
+            if self._backlog:
+                self._fail(TimeoutError("write deadline exceeded with {} bytes unsent".format(
+                    self._pending)))
+
+    def _idle_check(self, timeout: float) -> None:
+        """The idle timer fired: close if idle long enough, else re-arm for the rest."""
+        if self._state == CLOSED:
+            return
+        due = self._active + timeout
+        if due <= monotonic() + 0.001:
+            self._idle_timer = None
+            self._fail(TimeoutError("idle for {:g} s".format(timeout)))
+        else:
+            self._idle_timer = self._loop.call_at(due, self._idle_check, timeout)
 
     def __repr__(self) -> str:
         state = ("open", "closing", "closed")[self._state]
@@ -215,6 +320,7 @@ class Conn:
             if not self._read_paused:
                 self._read_paused = True
                 self._update_interest()
+                loop._notify(self, "on_pause_writing")
                 return
         if not self._writing:
             self._update_interest()
@@ -249,6 +355,7 @@ class Conn:
                 break
             self._loop.bytes_out += sent
             self._pending -= sent
+            self._active = monotonic()
             done = 0
             for item in chunk:
                 size = len(item)
@@ -267,6 +374,7 @@ class Conn:
         if self._read_paused and self._pending <= loop.write_buffer_low_water:
             self._read_paused = False
             self._update_interest()
+            loop._notify(self, "on_resume_writing")
         elif not backlog:
             self._update_interest()
         if not backlog and self._state == CLOSING:
@@ -298,3 +406,17 @@ def _owned_bytes(data: Any) -> bytes:
         return bytes(data)
     raise TypeError("write() takes bytes, bytearray or memoryview, got {}".format(
         type(data).__name__))
+
+
+def _deadline_time(deadline: Deadline) -> Optional[float]:
+    """A deadline as ``time.monotonic()`` time (``None`` stays ``None``)."""
+    if deadline is None:
+        return None
+    if isinstance(deadline, datetime.datetime):
+        wall = deadline.timestamp()  # naive datetimes are local time, as in datetime
+        return monotonic() + (wall - time.time())
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)):
+        raise TypeError("deadline must be seconds, a datetime or None, got {!r}".format(deadline))
+    if deadline != deadline or deadline < 0:
+        raise ValueError("deadline must be >= 0 seconds, got {}".format(deadline))
+    return monotonic() + deadline

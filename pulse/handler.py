@@ -30,6 +30,11 @@ class Handler:
     def on_close(self, conn: "Conn", err: Optional[BaseException]) -> None:
         """Called exactly once when the connection is gone."""
 
+    # Optional, not defined here so that the loop skips them when absent:
+    # on_pause_writing(conn): the write backlog passed write_buffer_high_water;
+    #     the connection is no longer read until it drains.
+    # on_resume_writing(conn): the backlog fell below write_buffer_low_water.
+
 
 class _FunctionHandler(Handler):
     """A ``Handler`` whose callbacks are plain functions (see ``callbacks``)."""

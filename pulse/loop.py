@@ -90,6 +90,7 @@ class EventLoop:
         self._ready: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = collections.deque()
         self._timers = Timers()
         self._batch = 0
+        self._now = monotonic()
         self._thread_id: Optional[int] = None
         self._stopping = False
         self._closed = False
@@ -177,6 +178,7 @@ class EventLoop:
             fds = carry
         count = self._poller.poll_read(timeout, self._arena, fds, self._read_size, self._max_reads)
         self._batch += 1
+        self._now = monotonic()
         if count:
             self._dispatch(count)
         if self._timers._heap:
@@ -197,6 +199,7 @@ class EventLoop:
         runner = self._runner
         zero_copy = self.zero_copy
         edge = self.edge
+        now = self._now
         for k in range(0, 4 * count, 4):
             flags = records[k + 1]
             if flags & _SPECIAL:
@@ -213,6 +216,7 @@ class EventLoop:
                 off = records[k + 2]
                 size = records[k + 3]
                 self.bytes_in += size
+                conn._active = now
                 payload = data[off:off + size]
                 if not zero_copy:
                     payload = payload.tobytes()
@@ -274,6 +278,7 @@ class EventLoop:
         size = len(data)
         if not size:
             return
+        conn._active = self._now
         if self._wcount >= WRITE_MAX_ITEMS or (size <= SMALL_WRITE
                                                and self._wpos + size > WRITE_ARENA_SIZE):
             self._flush()
@@ -394,6 +399,10 @@ class EventLoop:
         return conn
 
     def _opened(self, conn: Conn) -> None:
+        idle = self.options.idle_timeout
+        if idle is not None:
+            conn._active = monotonic()
+            conn._idle_timer = self.call_later(idle, conn._idle_check, idle)
         if self.options.tcp_keepalive:
             try:
                 _sys.setsockopt_int(conn._fd, socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -406,6 +415,19 @@ class EventLoop:
             conn._handler.on_open(conn)
         except Exception as exc:  # noqa: BLE001
             self._callback_failed(conn, "on_open", exc)
+
+    def _notify(self, conn: Conn, name: str) -> None:
+        """Call the optional handler method ``name(conn)`` (backpressure events)."""
+        func = getattr(conn._handler, name, None)
+        if func is None:
+            return
+        if self._runner is not None:
+            self._runner.call(conn, func)
+            return
+        try:
+            func(conn)
+        except Exception as exc:  # noqa: BLE001
+            self._callback_failed(conn, name, exc)
 
     def _callback_failed(self, conn: Conn, name: str, exc: BaseException) -> None:
         """A callback raised: log it and close that connection only."""
@@ -431,9 +453,14 @@ class EventLoop:
         fd = conn._fd
         if self._conns.get(fd) is conn:
             del self._conns[fd]
-        for timer in (conn._read_timer, conn._write_timer):
+        for timer in (conn._read_timer, conn._write_timer, conn._idle_timer):
             if timer is not None:
                 timer.cancel()
+        conn._read_timer = conn._write_timer = conn._idle_timer = None
+        if conn._user_timers:
+            for timer in conn._user_timers:
+                timer.cancel()
+            conn._user_timers = None
         conn._backlog = []
         conn._pending = 0
         forget = getattr(self._poller, "forget", None)

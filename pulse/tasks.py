@@ -67,6 +67,9 @@ class Runner:
             conn._input_paused = True
             conn._update_interest()
 
+    def call(self, conn: Conn, func: Callable[[Conn], None]) -> None:
+        self._submit(conn, func, (conn,), 0)
+
     def eof(self, conn: Conn) -> None:
         self._submit(conn, self.loop.call_soon_threadsafe, (conn._peer_closed,), 0)
 
