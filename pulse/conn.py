@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
 from . import _sys
 from .errors import ConnClosedError, WriteBufferFullError
 from .timers import monotonic
+from .writes import SMALL_WRITE, WRITE_ARENA_SIZE, WRITE_MAX_ITEMS
 
 if TYPE_CHECKING:  # pragma: no cover
     from .loop import EventLoop
@@ -49,7 +50,7 @@ class Conn:
         "_loop", "_fd", "_handler", "session", "_state", "_born", "_backlog",
         "_pending", "_read_paused", "_user_paused", "_input_paused", "_writing", "_close_err",
         "_abort", "_close_called", "_eof", "_read_timer", "_write_timer", "_idle_timer",
-        "_user_timers", "_active", "_laddr", "_raddr", "_task",
+        "_user_timers", "_active", "_laddr", "_raddr", "_task", "_on_data",
         "__weakref__",
     )
 
@@ -57,6 +58,7 @@ class Conn:
         self._loop = loop
         self._fd = fd
         self._handler = handler
+        self._on_data = handler.on_data  # bound once: the loop calls it per read
         #: Free slot for the handler's per-connection state (the Go ``Session``).
         self.session: Any = None
         self._state = OPEN
@@ -136,7 +138,7 @@ class Conn:
         ``ConnClosedError`` once the connection is closed or closing, and
         ``TypeError`` for anything that is not a bytes-like object.
         """
-        if self._state != OPEN or self._close_called:
+        if self._state or self._close_called:
             raise ConnClosedError("write on a closed connection (fd was {})".format(self._fd))
         loop = self._loop
         if loop._thread_id != _get_ident():
@@ -144,8 +146,36 @@ class Conn:
             return
         if self._backlog:
             self._queue(_owned_bytes(data))
-        else:
-            loop._add_write(self, data)
+            return
+        if loop._track_idle:
+            self._active = loop._now
+        # The hot path, inlined from EventLoop._add_write: a small bytes
+        # object is copied into the write arena, merged with this
+        # connection's previous write when that was the batch's last one.
+        if type(data) is bytes:
+            size = len(data)
+            pos = loop._wpos
+            end = pos + size
+            if size <= SMALL_WRITE and end <= WRITE_ARENA_SIZE and size:
+                count = loop._wcount
+                if loop._wlast is self:
+                    loop._warena[pos:end] = data
+                    loop._wpos = end
+                    loop._witems[3 * count - 1] += size
+                    return
+                if count < WRITE_MAX_ITEMS:
+                    loop._warena[pos:end] = data
+                    loop._wpos = end
+                    items = loop._witems
+                    k = 3 * count
+                    items[k] = self._fd
+                    items[k + 1] = pos
+                    items[k + 2] = size
+                    loop._wconns.append(self)
+                    loop._wcount = count + 1
+                    loop._wlast = self
+                    return
+        loop._add_write(self, data)
 
     def close(self) -> None:
         """Close after sending what was written; ``on_close`` follows with ``err=None``.

@@ -28,14 +28,10 @@ from .conn import CLOSED, CLOSING, OPEN, Conn
 from .errors import ServerStateError
 from .options import Options
 from .timers import TimerHandle, Timers, monotonic
+from .writes import SMALL_WRITE, WRITE_ARENA_SIZE, WRITE_MAX_ITEMS
 
 logger = logging.getLogger("pulse")
 
-# Writes up to this size are copied into the write arena (a memcpy is cheaper
-# than pinning the object for cffi); larger ones are passed by pointer.
-SMALL_WRITE = 16 * 1024
-WRITE_ARENA_SIZE = 1024 * 1024
-WRITE_MAX_ITEMS = 4096
 ACCEPT_BURST = 64
 # After EMFILE/ENFILE the listener is parked this long instead of spinning on
 # a level-triggered event that accept cannot clear.
@@ -78,8 +74,13 @@ class EventLoop:
         arena_size = max(4 * 1024 * 1024, 4 * opts.read_buffer_size)
         self._arena = _sys.ReadArena(arena_size, 4 * opts.max_events + 64)
         self._wb = _sys.WriteBatch(WRITE_ARENA_SIZE, WRITE_MAX_ITEMS)
+        # Hot fields of the write batch, read by Conn.write's inlined fast path.
+        self._warena = self._wb.arena
+        self._witems = self._wb.items
         self._wcount = 0
         self._wpos = 0
+        self._wpointer_bytes = 0
+        self._track_idle = opts.idle_timeout is not None
         self._wlast: Optional[Conn] = None
         self._wconns: List[Conn] = []
         self._wobjs: Dict[int, Any] = {}
@@ -199,7 +200,9 @@ class EventLoop:
         runner = self._runner
         zero_copy = self.zero_copy
         edge = self.edge
+        track_idle = self._track_idle
         now = self._now
+        received = 0
         for k in range(0, 4 * count, 4):
             flags = records[k + 1]
             if flags & _SPECIAL:
@@ -215,14 +218,15 @@ class EventLoop:
                     continue  # closed by the user: no on_data after close()
                 off = records[k + 2]
                 size = records[k + 3]
-                self.bytes_in += size
-                conn._active = now
+                received += size
+                if track_idle:
+                    conn._active = now
                 payload = data[off:off + size]
                 if not zero_copy:
                     payload = payload.tobytes()
                 if runner is None:
                     try:
-                        conn._handler.on_data(conn, payload)
+                        conn._on_data(conn, payload)
                     except Exception as exc:  # noqa: BLE001 - a callback may raise anything
                         self._callback_failed(conn, "on_data", exc)
                 else:
@@ -247,6 +251,7 @@ class EventLoop:
                 conn._fail(_os_error(-records[k + 3]))
             elif flags & _UNREAD and edge:
                 self._carry.append(conn)
+        self.bytes_in += received
 
     def _run_timers(self) -> None:
         for handle in self._timers.pop_due(monotonic()):
@@ -268,57 +273,54 @@ class EventLoop:
     # -- writes -----------------------------------------------------------
 
     def _add_write(self, conn: Conn, data: Any) -> None:
-        """Queue ``data`` for ``conn`` in this iteration's write batch."""
+        """Queue ``data`` for ``conn`` in this iteration's write batch.
+
+        The slow path of ``Conn.write`` (which inlines the common case): type
+        checks, mutable buffers, large writes, and a full batch.
+        """
         kind = type(data)
         if kind is not bytes and kind is not bytearray:
-            if kind is not memoryview and not isinstance(data, (bytes, bytearray, memoryview)):
+            if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise TypeError("write() takes bytes, bytearray or memoryview, got {}".format(
                     kind.__name__))
-            data = memoryview(data).cast("B") if memoryview(data).format != "B" else data
+            view = memoryview(data)
+            data = view.cast("B") if view.format != "B" or view.ndim != 1 else view
         size = len(data)
         if not size:
             return
-        conn._active = self._now
-        if self._wcount >= WRITE_MAX_ITEMS or (size <= SMALL_WRITE
-                                               and self._wpos + size > WRITE_ARENA_SIZE):
+        small = size <= SMALL_WRITE
+        if self._wcount >= WRITE_MAX_ITEMS or (small and self._wpos + size > WRITE_ARENA_SIZE) \
+                or (not small and len(self._wb.keep) >= self._wb.max_pointers):
             self._flush()
             if conn._state != OPEN:
                 return  # the flush found the connection dead; its on_close reports why
             if conn._backlog:
                 conn._queue(bytes(data))
                 return
-        self.bytes_out += size
-        wb = self._wb
-        items = wb.items
+        items = self._witems
         count = self._wcount
-        if size <= SMALL_WRITE:
+        if small:
             pos = self._wpos
-            wb.arena[pos:pos + size] = data
+            self._warena[pos:pos + size] = data
             self._wpos = pos + size
-            if self._wlast is conn and items[3 * count - 2] >= 0 \
-                    and items[3 * count - 2] + items[3 * count - 1] == pos:
+            if self._wlast is conn:
                 items[3 * count - 1] += size  # contiguous with its last write: one send
                 return
             offset = pos
+            self._wlast = conn
         else:
-            if len(wb.keep) >= wb.max_pointers:
-                self._flush()
-                if conn._state != OPEN or conn._backlog:
-                    if conn._state == OPEN:
-                        conn._queue(bytes(data))
-                    return
-                count = 0
             if kind is not bytes:
                 data = bytes(data)  # the caller may reuse its buffer once write() returns
-            offset = wb.pointer(data)
+            offset = self._wb.pointer(data)
             self._wobjs[count] = data
+            self._wpointer_bytes += size
+            self._wlast = None  # the next small write is not contiguous with this one
         base = 3 * count
         items[base] = conn._fd
         items[base + 1] = offset
         items[base + 2] = size
         self._wconns.append(conn)
         self._wcount = count + 1
-        self._wlast = conn
 
     def _flush(self) -> None:
         """Send the write batch; queue what the kernel did not take."""
@@ -328,11 +330,14 @@ class EventLoop:
         wb = self._wb
         conns = self._wconns
         objs = self._wobjs
+        self.bytes_out += self._wpos + self._wpointer_bytes
         self._wcount = 0
         self._wpos = 0
+        self._wpointer_bytes = 0
         self._wlast = None
         self._wconns = []
-        self._wobjs = {}
+        if objs:
+            self._wobjs = {}
         if not wb.send(count):
             return
         items = wb.items[:3 * count].tolist()
