@@ -19,7 +19,6 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
 
-from . import _sys
 from .errors import ConnClosedError, WriteBufferFullError
 from .timers import monotonic
 from .writes import SMALL_WRITE, WRITE_ARENA_SIZE, WRITE_MAX_ITEMS
@@ -102,14 +101,14 @@ class Conn:
     def local_address(self) -> Address:
         """The local address: ``(host, port)``, or a path for Unix sockets."""
         if self._laddr is None:
-            self._laddr = _sys.sockaddr(self._fd, False)
+            self._laddr = self._loop.backend.sockaddr(self._fd, False)
         return self._laddr
 
     @property
     def remote_address(self) -> Address:
         """The peer's address: ``(host, port)``, or a path (often ``""``) for Unix sockets."""
         if self._raddr is None:
-            self._raddr = _sys.sockaddr(self._fd, True)
+            self._raddr = self._loop.backend.sockaddr(self._fd, True)
         return self._raddr
 
     def set_session(self, session: Any) -> None:
@@ -260,7 +259,7 @@ class Conn:
         """Switch TCP_NODELAY (on by default); a no-op on Unix sockets."""
         self._check_open("set_nodelay")
         try:
-            _sys.setsockopt_int(self._fd, socket.IPPROTO_TCP, socket.TCP_NODELAY,
+            self._loop.backend.setsockopt_int(self._fd, socket.IPPROTO_TCP, socket.TCP_NODELAY,
                                 1 if enabled else 0)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOPROTOOPT, errno.EINVAL):
@@ -269,7 +268,7 @@ class Conn:
     def set_keepalive(self, enabled: bool = True) -> None:
         """Switch SO_KEEPALIVE for this connection."""
         self._check_open("set_keepalive")
-        _sys.setsockopt_int(self._fd, socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1 if enabled else 0)
+        self._loop.backend.setsockopt_int(self._fd, socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1 if enabled else 0)
 
     def _check_open(self, what: str) -> None:
         if self._state != OPEN or self._close_called:
@@ -377,7 +376,9 @@ class Conn:
         while backlog:
             chunk = backlog[:64]  # IOV_MAX is 1024; 64 keeps each call cheap
             try:
-                sent = _sys.writev(self._fd, chunk) if len(chunk) > 1 else _sys.send(self._fd, chunk[0])
+                backend = self._loop.backend
+                sent = backend.writev(self._fd, chunk) if len(chunk) > 1 else backend.send(
+                    self._fd, chunk[0])
             except OSError as exc:
                 self._fail(exc)
                 return

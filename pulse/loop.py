@@ -24,6 +24,8 @@ import threading
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from . import _sys
+from ._sys.flags import EOF as _EOF, ERROR as _ERROR, MORE as _MORE, READ as _READ
+from ._sys.flags import SPECIAL as _SPECIAL, UNREAD as _UNREAD, WRITABLE as _WRITABLE
 from .conn import CLOSED, CLOSING, OPEN, Conn
 from .errors import ServerStateError
 from .options import Options
@@ -37,8 +39,6 @@ ACCEPT_BURST = 64
 # a level-triggered event that accept cannot clear.
 ACCEPT_BACKOFF = 0.1
 
-_EOF, _ERROR, _READ, _WRITABLE = _sys.EOF, _sys.ERROR, _sys.READ, _sys.WRITABLE
-_MORE, _SPECIAL, _UNREAD = _sys.MORE, _sys.SPECIAL, _sys.UNREAD
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -63,8 +63,10 @@ class EventLoop:
         # next one) so that one busy peer cannot starve the others; level
         # mode relies on the kernel reporting it again.
         self._max_reads = opts.max_reads_per_event
-        self._poller = _sys.Poller(opts.max_events)
-        self._waker = _sys.Waker()
+        #: The syscall backend module (``pulse._sys.linux``, ``darwin`` or ``portable``).
+        self.backend = backend = _sys.load(opts.backend)
+        self._poller = backend.Poller(opts.max_events)
+        self._waker = backend.Waker()
         try:
             self._waker.attach(self._poller)
         except BaseException:
@@ -72,8 +74,8 @@ class EventLoop:
             self._waker.close()
             raise
         arena_size = max(4 * 1024 * 1024, 4 * opts.read_buffer_size)
-        self._arena = _sys.ReadArena(arena_size, 4 * opts.max_events + 64)
-        self._wb = _sys.WriteBatch(WRITE_ARENA_SIZE, WRITE_MAX_ITEMS)
+        self._arena = backend.ReadArena(arena_size, 4 * opts.max_events + 64)
+        self._wb = backend.WriteBatch(WRITE_ARENA_SIZE, WRITE_MAX_ITEMS)
         # Hot fields of the write batch, read by Conn.write's inlined fast path.
         self._warena = self._wb.arena
         self._witems = self._wb.items
@@ -369,7 +371,7 @@ class EventLoop:
         if lfd < 0:
             return
         try:
-            fds = _sys.accept_batch(lfd, self._poller.fileno(), self.options.tcp_nodelay,
+            fds = self.backend.accept_batch(lfd, self._poller, self.options.tcp_nodelay,
                                     self.edge, ACCEPT_BURST)
         except OSError as exc:
             if exc.errno in _RESOURCE_ERRORS:
@@ -410,7 +412,7 @@ class EventLoop:
             conn._idle_timer = self.call_later(idle, conn._idle_check, idle)
         if self.options.tcp_keepalive:
             try:
-                _sys.setsockopt_int(conn._fd, socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                self.backend.setsockopt_int(conn._fd, socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             except OSError:
                 pass  # Unix sockets have no keepalive
         if self._runner is not None:
@@ -472,7 +474,7 @@ class EventLoop:
         if forget is not None:
             forget(fd)
         try:
-            _sys.close(fd)
+            self.backend.close(fd)
         except OSError as exc:
             logger.warning("pulse: close(fd=%d) failed: %s", fd, exc)
         err = conn._close_err

@@ -46,7 +46,8 @@ class Options:
                  write_buffer_high_water: int = DEFAULT_HIGH_WATER,
                  write_buffer_low_water: Optional[int] = None,
                  write_buffer_limit: int = 0, idle_timeout: Optional[float] = None,
-                 shutdown_timeout: float = 5.0, log_level: Any = None) -> None:
+                 shutdown_timeout: float = 5.0, log_level: Any = None,
+                 backend: Optional[str] = None) -> None:
         if trigger not in TRIGGERS:
             raise ValueError("trigger must be one of {}, got {!r}".format(TRIGGERS, trigger))
         if task_type not in TASK_TYPES:
@@ -85,6 +86,10 @@ class Options:
             raise ValueError("idle_timeout must be > 0 seconds or None, got 0")
         self.shutdown_timeout = _seconds("shutdown_timeout", shutdown_timeout, allow_none=False)
         self.log_level = log_level
+        if backend is not None:
+            from ._sys import check_backend_name
+            check_backend_name(backend)
+        self.backend = backend
 
     @property
     def edge(self) -> bool:

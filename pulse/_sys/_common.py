@@ -9,21 +9,17 @@ plain ints; nothing here owns them.
 import errno
 import os
 import socket
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from ._pulse_ffi import ffi, lib
+from .flags import EOF, ERROR, HUP, MORE, READ, SPECIAL, UNREAD, WRITABLE
 
 Buffer = Union[bytes, bytearray, memoryview]
 
-#: Record flags produced by ``Poller.poll_read`` (see build_ffi.py).
-READ = lib.PULSE_READ
-EOF = lib.PULSE_EOF
-ERROR = lib.PULSE_ERROR
-WRITABLE = lib.PULSE_WRITABLE
-MORE = lib.PULSE_MORE
-SPECIAL = lib.PULSE_SPECIAL
-UNREAD = lib.PULSE_UNREAD
-HUP = lib.PULSE_HUP
+# The C helpers and the portable backend must agree on the record flags.
+assert (READ, EOF, ERROR, WRITABLE, MORE, SPECIAL, UNREAD, HUP) == (
+    lib.PULSE_READ, lib.PULSE_EOF, lib.PULSE_ERROR, lib.PULSE_WRITABLE, lib.PULSE_MORE,
+    lib.PULSE_SPECIAL, lib.PULSE_UNREAD, lib.PULSE_HUP), "build_ffi.py and flags.py disagree"
 
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 
@@ -129,16 +125,18 @@ def sockaddr(fd: int, peer: bool) -> Union[Tuple[str, int], str]:
     return text
 
 
-def accept_batch(listen_fd: int, poll_fd: int, nodelay: bool, edge: bool,
+def accept_batch(listen_fd: int, poller: Any, nodelay: bool, edge: bool,
                  maximum: int = 64) -> List[int]:
     """Accept up to ``maximum`` connections and register each for reading.
 
     Each new fd is non-blocking and close-on-exec, has TCP_NODELAY when asked,
     and is already watched for reads by the poller ``poll_fd``.  Returns the
     new fds (empty on EAGAIN); raises ``OSError`` when the first accept fails
-    (``EMFILE`` and ``ENFILE`` among them).
+    (``EMFILE`` and ``ENFILE`` among them).  ``poller`` is the ``Poller``
+    (or its fd) that watches the new connections.
     """
     out = ffi.new("int[]", maximum)
+    poll_fd = poller if isinstance(poller, int) else poller.fileno()
     count = lib.pulse_accept_batch(listen_fd, poll_fd, 1 if nodelay else 0,
                                    1 if edge else 0, out, maximum)
     if count < 0:
