@@ -16,6 +16,7 @@ edge-triggered epoll/kqueue reactor driven through cffi::
 
 from ._sys import BACKEND
 from .address import parse_address
+from .client import Client
 from .conn import Conn
 from .errors import ConnClosedError, PulseError, ServerStateError, WriteBufferFullError
 from .handler import Handler, callbacks
@@ -27,7 +28,7 @@ from .timers import TimerHandle
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKEND", "Conn", "ConnClosedError", "EventLoop", "Handler", "Options", "PulseError",
+    "BACKEND", "Client", "Conn", "ConnClosedError", "EventLoop", "Handler", "Options", "PulseError",
     "Server", "ServerStateError", "TimerHandle", "WriteBufferFullError", "callbacks",
     "parse_address", "__version__",
 ]

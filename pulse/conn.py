@@ -47,9 +47,10 @@ class Conn:
 
     __slots__ = (
         "_loop", "_fd", "_handler", "session", "_state", "_born", "_backlog",
-        "_pending", "_read_paused", "_user_paused", "_input_paused", "_writing", "_close_err",
+        "_pending", "_above_high", "backpressure_reads", "_read_paused", "_user_paused", "_input_paused", "_writing", "_close_err",
         "_abort", "_close_called", "_eof", "_read_timer", "_write_timer", "_idle_timer",
-        "_user_timers", "_active", "_laddr", "_raddr", "_task", "_on_data",
+        "_user_timers", "_active", "_laddr", "_raddr", "_task", "_on_data", "_connecting",
+        "opened",
         "__weakref__",
     )
 
@@ -58,12 +59,20 @@ class Conn:
         self._fd = fd
         self._handler = handler
         self._on_data = handler.on_data  # bound once: the loop calls it per read
+        self._connecting = False  # a dial in progress: writes wait in the backlog
+        #: True once ``on_open`` ran (False for a dial that failed to connect).
+        self.opened = False
         #: Free slot for the handler's per-connection state (the Go ``Session``).
         self.session: Any = None
         self._state = OPEN
         self._born = born
         self._backlog: List[Any] = []
         self._pending = 0
+        self._above_high = False  # the backlog passed the high-water mark, not yet drained
+        #: Stop reading this connection while its write backlog is above the
+        #: high-water mark (right for request/response servers).  A proxy turns
+        #: it off and pauses the *other* side from on_pause_writing instead.
+        self.backpressure_reads = True
         self._read_paused = False  # paused by the write high-water mark
         self._user_paused = False  # paused by pause_reading()
         self._input_paused = False  # paused: the task runner has too much queued input
@@ -143,7 +152,7 @@ class Conn:
         if loop._thread_id != _get_ident():
             loop.call_soon_threadsafe(self._write_from_thread, _owned_bytes(data))
             return
-        if self._backlog:
+        if self._backlog or self._connecting:
             self._queue(_owned_bytes(data))
             return
         if loop._track_idle:
@@ -329,7 +338,7 @@ class Conn:
     def _write_from_thread(self, data: bytes) -> None:
         if self._abort or self._state == CLOSED:
             return  # aborted while the write was in flight: on_close says why
-        if self._backlog:
+        if self._backlog or self._connecting:
             self._queue(data)
         else:
             self._loop._add_write(self, data)
@@ -346,18 +355,19 @@ class Conn:
                     "write buffer of {} bytes passed write_buffer_limit={}".format(
                         self._pending, limit)))
                 return
-            if not self._read_paused:
-                self._read_paused = True
-                self._update_interest()
+            if not self._above_high:
+                self._above_high = True
+                if self.backpressure_reads:
+                    self._read_paused = True
+                    self._update_interest()
                 loop._notify(self, "on_pause_writing")
-                return
         if not self._writing:
             self._update_interest()
 
     def _update_interest(self) -> None:
         """Tell the poller what this connection waits for now."""
-        if self._state == CLOSED:
-            return
+        if self._state == CLOSED or self._connecting:
+            return  # a dial in progress is watched by the connect logic
         write = bool(self._backlog)
         read = self._state == OPEN and not (
             self._read_paused or self._user_paused or self._input_paused or self._eof)
@@ -402,7 +412,8 @@ class Conn:
             if done < len(chunk):
                 break  # short write: the socket is full again
         loop = self._loop
-        if self._read_paused and self._pending <= loop.write_buffer_low_water:
+        if self._above_high and self._pending <= loop.write_buffer_low_water:
+            self._above_high = False
             self._read_paused = False
             self._update_interest()
             loop._notify(self, "on_resume_writing")

@@ -159,6 +159,9 @@ class EventLoop:
             raise ServerStateError("the event loop is already running")
         self._thread_id = threading.get_ident()
         try:
+            if self.options.task_type != "loop" and self._runner is None:
+                from .tasks import make_runner
+                self._runner = make_runner(self, self.options)
             while not self._stopping:
                 self._run_once()
             if on_stop is not None:
@@ -405,7 +408,25 @@ class EventLoop:
         self._opened(conn)
         return conn
 
+    def dial(self, address: Any, handler: Any, timeout: Optional[float] = 10.0) -> Conn:
+        """Open an outgoing connection served by ``handler``; returns its ``Conn`` at once.
+
+        ``address`` takes the same forms as ``Server.listen`` (host names are
+        resolved in the calling thread).  On success ``on_open`` runs; a
+        failed or timed-out connect calls ``on_close(conn, err)`` without
+        ``on_open``.  Writes made before the connect completes are queued.
+        Safe from any thread.
+        """
+        from .client import dial
+        return dial(self, address, handler, timeout)
+
+    def register(self, sock: Any, handler: Any) -> Conn:
+        """Serve an already connected socket (a ``socket.socket`` or fd), taking ownership."""
+        from .client import register
+        return register(self, sock, handler)
+
     def _opened(self, conn: Conn) -> None:
+        conn.opened = True
         idle = self.options.idle_timeout
         if idle is not None:
             conn._active = monotonic()
@@ -449,7 +470,7 @@ class EventLoop:
             for conn in queue:
                 if conn._state == CLOSED:
                     continue
-                if conn._backlog and not conn._abort:
+                if conn._backlog and not conn._abort and not conn._connecting:
                     if not conn._writing:
                         conn._update_interest()
                     continue  # _on_writable queues it again once drained
@@ -460,6 +481,8 @@ class EventLoop:
         fd = conn._fd
         if self._conns.get(fd) is conn:
             del self._conns[fd]
+        if conn._connecting:
+            self._specials.pop(fd, None)
         for timer in (conn._read_timer, conn._write_timer, conn._idle_timer):
             if timer is not None:
                 timer.cancel()
@@ -512,7 +535,15 @@ class EventLoop:
         if self._runner is not None:
             self._runner.shutdown()
 
+    def close(self) -> None:
+        """Release the poller of a loop that will not run (``run()`` does this itself)."""
+        if self._thread_id is not None and not self._closed:
+            raise ServerStateError("close() of a running loop: call stop() instead")
+        self._close()
+
     def _close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
         self._poller.close()
         self._waker.close()

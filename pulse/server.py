@@ -119,9 +119,6 @@ class Server:
                 raise
             self._loop = loop
         try:
-            if self.options.task_type != "loop":
-                from .tasks import make_runner
-                loop._runner = make_runner(loop, self.options)
             for sock in self._listeners:
                 loop.add_listener(sock, self.handler)
             if self._stop_requested:

@@ -74,6 +74,9 @@ class Runner:
         self._submit(conn, self.loop.call_soon_threadsafe, (conn._peer_closed,), 0)
 
     def close(self, conn: Conn, err: Optional[BaseException]) -> None:
+        if conn._task is None:  # a dial that never connected: on_close still runs here
+            conn._task = ConnTasks()
+            self._started(conn)
         self._submit(conn, conn._handler.on_close, (conn, err), -1)
 
     # Called on worker threads.

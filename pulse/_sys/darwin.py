@@ -95,6 +95,20 @@ class Kqueue:
             self.unregister(fd, EVFILT_WRITE)
             self._writing.discard(fd)
 
+    def add(self, fd: int, read: bool, write: bool, edge: bool) -> None:
+        """Start watching a connection fd for reads and/or writes."""
+        self.watch(fd, read, write, edge)
+
+    def add_connecting(self, fd: int) -> None:
+        """Watch a socket with a connect in progress; completion is reported as SPECIAL."""
+        self._ctl(fd, EVFILT_WRITE, EV_ADD, True)
+
+    def connected(self, fd: int, edge: bool) -> None:
+        """Turn a socket whose connect finished into an ordinary connection (reads)."""
+        self.unregister(fd, EVFILT_WRITE)
+        self._writing.discard(fd)
+        self.watch(fd, True, False, edge)
+
     def forget(self, fd: int) -> None:
         """Drop bookkeeping for an fd about to be closed (closing removes its filters)."""
         self._writing.discard(fd)

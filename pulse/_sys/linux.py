@@ -95,6 +95,18 @@ class Epoll:
         """Change what a registered connection fd is watched for."""
         self.modify(fd, self.events_for(read, write, edge))
 
+    def add(self, fd: int, read: bool, write: bool, edge: bool) -> None:
+        """Start watching a connection fd for reads and/or writes."""
+        self.register(fd, self.events_for(read, write, edge))
+
+    def add_connecting(self, fd: int) -> None:
+        """Watch a socket with a connect in progress; completion is reported as SPECIAL."""
+        self.register(fd, EPOLLOUT, special=True)
+
+    def connected(self, fd: int, edge: bool) -> None:
+        """Turn a socket whose connect finished into an ordinary connection (reads)."""
+        self.modify(fd, self.events_for(True, False, edge))
+
     def add_special(self, fd: int) -> None:
         """Watch a listener or waker fd (level-triggered, reported not read)."""
         self.register(fd, EPOLLIN, special=True)

@@ -1,0 +1,102 @@
+"""A TCP proxy on one event loop, with backpressure in both directions.
+
+Every accepted client gets its own upstream connection, dialed from inside
+the server's loop.  When either side cannot keep up (its write backlog passes
+the high-water mark) the proxy stops reading the other side until it drains,
+so a slow consumer anywhere keeps memory bounded.  Closing either side closes
+the other once what it sent has been forwarded.
+
+    python examples/proxy.py --port 8083 --upstream 127.0.0.1:6379 [--workers N]
+"""
+
+import argparse
+import logging
+import signal
+from typing import Optional
+
+import pulse
+
+
+class Upstream(pulse.Handler):
+    """The upstream side of one proxied client connection."""
+
+    def __init__(self, client: pulse.Conn) -> None:
+        self.client = client
+
+    def on_data(self, conn: pulse.Conn, data: bytes) -> None:
+        if not self.client.closed:
+            self.client.write(data)
+
+    def on_close(self, conn: pulse.Conn, err: Optional[BaseException]) -> None:
+        if err is not None and not conn.opened:
+            logging.getLogger("proxy").warning("upstream connect failed: %s", err)
+        self.client.close()
+
+    # The upstream is slow to take our writes: stop reading the client.
+    def on_pause_writing(self, conn: pulse.Conn) -> None:
+        if not self.client.closed:
+            self.client.pause_reading()
+
+    def on_resume_writing(self, conn: pulse.Conn) -> None:
+        if not self.client.closed:
+            self.client.resume_reading()
+
+
+class Proxy(pulse.Handler):
+    """The client side: dials the upstream on open and forwards both ways."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+
+    def on_open(self, conn: pulse.Conn) -> None:
+        upstream = conn.loop.dial(self.upstream, Upstream(conn))
+        # Each side pauses the *other* one when it cannot keep up; pausing a
+        # connection's own reads would deadlock two busy directions.
+        conn.backpressure_reads = False
+        upstream.backpressure_reads = False
+        conn.session = upstream
+
+    def on_data(self, conn: pulse.Conn, data: bytes) -> None:
+        upstream = conn.session
+        if not upstream.closed:
+            upstream.write(data)  # queued until the connect completes
+
+    def on_close(self, conn: pulse.Conn, err: Optional[BaseException]) -> None:
+        conn.session.close()
+
+    # The client is slow to take our writes: stop reading the upstream.
+    def on_pause_writing(self, conn: pulse.Conn) -> None:
+        if not conn.session.closed:
+            conn.session.pause_reading()
+
+    def on_resume_writing(self, conn: pulse.Conn) -> None:
+        if not conn.session.closed:
+            conn.session.resume_reading()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8083)
+    parser.add_argument("--upstream", required=True, help="HOST:PORT to forward to")
+    parser.add_argument("--trigger", choices=["edge", "level"], default="edge")
+    parser.add_argument("--task-type", choices=["loop", "pool", "thread"], default="loop")
+    parser.add_argument("--workers", default="1", help="reactor processes (N or auto)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args()
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s")
+    pulse.parse_address(args.upstream)  # a bad --upstream fails here, before listening
+    handler = Proxy(args.upstream)
+    options = dict(trigger=args.trigger, task_type=args.task_type)
+    if args.workers != "1":
+        from pulse.launcher import serve
+        serve(handler, (args.host, args.port), workers=args.workers, **options)
+        return
+    server = pulse.Server(handler, **options)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    server.serve((args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()
