@@ -20,6 +20,7 @@ from .client import Client
 from .conn import Conn
 from .errors import ConnClosedError, PulseError, ServerStateError, WriteBufferFullError
 from .handler import Handler, callbacks
+from .launcher import LaunchError, serve
 from .loop import EventLoop
 from .options import Options
 from .server import Server
@@ -28,7 +29,7 @@ from .timers import TimerHandle
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKEND", "Client", "Conn", "ConnClosedError", "EventLoop", "Handler", "Options", "PulseError",
+    "BACKEND", "Client", "Conn", "ConnClosedError", "EventLoop", "Handler", "LaunchError", "Options", "PulseError",
     "Server", "ServerStateError", "TimerHandle", "WriteBufferFullError", "callbacks",
-    "parse_address", "__version__",
+    "parse_address", "serve", "__version__",
 ]

@@ -39,7 +39,7 @@ class Options:
     """The reactor's tunables, checked once.  Attribute names are the keyword names."""
 
     def __init__(self, *, trigger: str = "edge", task_type: str = "loop",
-                 pool_size: int = 8, read_buffer_size: int = 64 * 1024,
+                 pool_size: int = 8, read_buffer_size: int = 128 * 1024,
                  max_events: int = 1024, max_reads_per_event: int = 4,
                  backlog: int = 1024, reuse_port: bool = False, tcp_nodelay: bool = True,
                  tcp_keepalive: bool = False, zero_copy: bool = False,

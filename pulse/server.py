@@ -146,7 +146,10 @@ class Server:
             loop.stop()
 
     def _close_listeners(self) -> None:
+        loop = self._loop
         for sock in self._listeners:
+            if loop is not None and not loop._closed:
+                loop.remove_listener(sock)
             sock.close()
         for path in self._unix_paths:
             try:
