@@ -66,7 +66,9 @@ int getsockopt(int fd, int level, int name, void *value, socklen_t *len);
 #define PULSE_HUP ...
 
 int pulse_errno(void);
-int pulse_accept_batch(int lfd, int pollfd, int nodelay, int edge, int *out, int max);
+int pulse_accept_batch(int lfd, int pollfd, int nodelay, int edge, int *out, int max,
+                       char *addrs);
+#define PULSE_ADDR_SIZE ...
 int pulse_send_batch(const int *items, int n, const char *arena,
                      char **pointers, int *results);
 ssize_t pulse_send(int fd, const char *buf, size_t len);
@@ -99,6 +101,16 @@ COMMON_SOURCE = r"""
 #define PULSE_SPECIAL  32   /* listener or waker: not read, length = raw events */
 #define PULSE_UNREAD   64   /* the arena was full: the socket was not read */
 #define PULSE_HUP     128   /* the kernel reported hang-up */
+
+/* accept_batch keeps each peer's raw sockaddr (sockaddr_in6 is the largest
+   we format) so that remote_address works even after the peer is gone. */
+#define PULSE_ADDR_SIZE 28
+
+static void keep_addr(char *addrs, int n, const struct sockaddr_storage *ss, socklen_t len) {
+    char *slot = addrs + (size_t)n * PULSE_ADDR_SIZE;
+    memset(slot, 0, PULSE_ADDR_SIZE);
+    memcpy(slot, ss, len < PULSE_ADDR_SIZE ? len : PULSE_ADDR_SIZE);
+}
 
 int pulse_errno(void) { return errno; }
 
@@ -294,11 +306,14 @@ int pulse_epoll_ctl(int epfd, int op, int fd, uint32_t events, int special) {
 /* Accept up to max connections, set TCP_NODELAY and register each one with the
    poller for reads (edge- or level-triggered).  Returns the number accepted, or
    -errno when the first accept failed with something other than EAGAIN. */
-int pulse_accept_batch(int lfd, int pollfd, int nodelay, int edge, int *out, int max) {
+int pulse_accept_batch(int lfd, int pollfd, int nodelay, int edge, int *out, int max,
+                       char *addrs) {
     int n = 0;
     uint32_t events = EPOLLIN | EPOLLRDHUP | (edge ? EPOLLET : 0);
     while (n < max) {
-        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof(ss);
+        int fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED) { continue; }
             if (errno == EAGAIN || errno == EWOULDBLOCK) { break; }
@@ -309,6 +324,7 @@ int pulse_accept_batch(int lfd, int pollfd, int nodelay, int edge, int *out, int
             close(fd);
             continue;
         }
+        keep_addr(addrs, n, &ss, len);
         out[n++] = fd;
     }
     return n;
@@ -419,10 +435,13 @@ static void set_nosigpipe_nonblock(int fd) {
     fcntl(fd, F_SETFD, FD_CLOEXEC);
 }
 
-int pulse_accept_batch(int lfd, int kq, int nodelay, int edge, int *out, int max) {
+int pulse_accept_batch(int lfd, int kq, int nodelay, int edge, int *out, int max,
+                       char *addrs) {
     int n = 0;
     while (n < max) {
-        int fd = accept(lfd, NULL, NULL);
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof(ss);
+        int fd = accept(lfd, (struct sockaddr *)&ss, &len);
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED) { continue; }
             if (errno == EAGAIN || errno == EWOULDBLOCK) { break; }
@@ -434,6 +453,7 @@ int pulse_accept_batch(int lfd, int kq, int nodelay, int edge, int *out, int max
             close(fd);
             continue;
         }
+        keep_addr(addrs, n, &ss, len);
         out[n++] = fd;
     }
     return n;

@@ -34,7 +34,7 @@ def serve(host: str, port: int, max_seconds: float = 0.0) -> None:
             for fd, _events in poller.poll(0.2):
                 if fd == lfd:
                     # accept_batch also registers each new fd for reads.
-                    _sys.accept_batch(lfd, poller.fileno(), True, False)
+                    _sys.accept_batch(lfd, poller, True, False)
                     continue
                 if fd in pending:  # writable again: send what is left first
                     rest = pending.pop(fd)

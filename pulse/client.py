@@ -67,6 +67,7 @@ def dial(loop: "EventLoop", address: Any, handler: Any, timeout: Optional[float]
     fd = sock.detach()  # the Conn owns the fd from here on
     conn = Conn(loop, fd, handler, loop._batch)
     conn._connecting = True
+    conn._raddr = sockaddr[:2] if isinstance(sockaddr, tuple) else sockaddr
     error = None
     if code not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
         error = OSError(code, "connect to {}: {}".format(address, os.strerror(code)))

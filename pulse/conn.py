@@ -19,6 +19,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
 
+from ._sys.addresses import parse_sockaddr
 from .errors import ConnClosedError, WriteBufferFullError
 from .timers import monotonic
 from .writes import SMALL_WRITE, WRITE_ARENA_SIZE, WRITE_MAX_ITEMS
@@ -87,7 +88,7 @@ class Conn:
         self._user_timers: Optional[List["TimerHandle"]] = None
         self._active = 0.0  # monotonic time of the last read or write (idle timeout)
         self._laddr: Optional[Address] = None
-        self._raddr: Optional[Address] = None
+        self._raddr: Any = None  # an Address, or raw sockaddr bytes from accept
         self._task: Any = None  # the task-mode runner's per-connection state
 
     # -- public API -------------------------------------------------------
@@ -108,17 +109,33 @@ class Conn:
 
     @property
     def local_address(self) -> Address:
-        """The local address: ``(host, port)``, or a path for Unix sockets."""
+        """The local address: ``(host, port)``, or a path for Unix sockets.
+
+        Read it while the connection is open (in ``on_close`` it is known
+        only if it was read before); ``ConnClosedError`` otherwise.
+        """
         if self._laddr is None:
-            self._laddr = self._loop.backend.sockaddr(self._fd, False)
+            self._laddr = self._sockaddr(False)
         return self._laddr
 
     @property
     def remote_address(self) -> Address:
-        """The peer's address: ``(host, port)``, or a path (often ``""``) for Unix sockets."""
-        if self._raddr is None:
-            self._raddr = self._loop.backend.sockaddr(self._fd, True)
-        return self._raddr
+        """The peer's address: ``(host, port)``, or a path (often ``""``) for Unix sockets.
+
+        Kept from ``accept``/``dial``, so it still answers in ``on_close``
+        after the peer reset the connection.
+        """
+        raddr = self._raddr
+        if raddr is None or type(raddr) is bytes:
+            parsed = parse_sockaddr(raddr) if raddr else None
+            self._raddr = raddr = parsed if parsed is not None else self._sockaddr(True)
+        return raddr
+
+    def _sockaddr(self, peer: bool) -> Address:
+        if self._state == CLOSED:
+            raise ConnClosedError("the {} address of a closed connection was not read while "
+                                  "it was open".format("remote" if peer else "local"))
+        return self._loop.backend.sockaddr(self._fd, peer)
 
     def set_session(self, session: Any) -> None:
         """Store per-connection state (same as assigning ``conn.session``)."""

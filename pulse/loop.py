@@ -403,8 +403,9 @@ class EventLoop:
                 logger.error("pulse: accept on fd %d failed: %s", lfd, exc)
             return
         batch = self._batch
-        for fd in fds:
+        for fd, peer in fds:
             conn = Conn(self, fd, handler, batch)
+            conn._raddr = peer  # raw or formatted: Conn.remote_address formats it lazily
             self._conns[fd] = conn
             self._opened(conn)
 

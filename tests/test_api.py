@@ -268,3 +268,26 @@ def test_sys_layer_reports_eagain_as_none() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_remote_address_answers_in_on_close_after_a_reset() -> None:
+    from support import hard_reset
+    seen = []
+
+    class Late(pulse.Handler):
+        def on_close(self, conn: pulse.Conn, err: Optional[BaseException]) -> None:
+            seen.append((conn.remote_address, err))
+            try:
+                conn.local_address  # never read while open: a clear error, not EBADF
+            except pulse.ConnClosedError as exc:
+                seen.append(exc)
+
+    with ServerThread(Late()) as srv:
+        sock = srv.connect()
+        name = sock.getsockname()
+        time.sleep(0.05)
+        hard_reset(sock)
+        wait_for(lambda: len(seen) == 2, 10, "on_close")
+    assert seen[0][0] == name
+    assert isinstance(seen[0][1], ConnectionResetError)
+    assert "local address" in str(seen[1])

@@ -12,6 +12,7 @@ import socket
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from ._pulse_ffi import ffi, lib
+from .addresses import parse_sockaddr  # noqa: F401  (re-exported)
 from .flags import EOF, ERROR, HUP, MORE, READ, SPECIAL, UNREAD, WRITABLE
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -126,22 +127,27 @@ def sockaddr(fd: int, peer: bool) -> Union[Tuple[str, int], str]:
 
 
 def accept_batch(listen_fd: int, poller: Any, nodelay: bool, edge: bool,
-                 maximum: int = 64) -> List[int]:
+                 maximum: int = 64) -> List[Tuple[int, bytes]]:
     """Accept up to ``maximum`` connections and register each for reading.
 
     Each new fd is non-blocking and close-on-exec, has TCP_NODELAY when asked,
-    and is already watched for reads by the poller ``poll_fd``.  Returns the
-    new fds (empty on EAGAIN); raises ``OSError`` when the first accept fails
-    (``EMFILE`` and ``ENFILE`` among them).  ``poller`` is the ``Poller``
-    (or its fd) that watches the new connections.
+    and is already watched for reads by ``poller`` (a ``Poller`` or its fd).
+    Returns ``(fd, raw_peer_address)`` pairs (empty on EAGAIN); the raw
+    address goes to ``parse_sockaddr``.  Raises ``OSError`` when the first
+    accept fails (``EMFILE`` and ``ENFILE`` among them).
     """
     out = ffi.new("int[]", maximum)
+    addrs = ffi.new("char[]", maximum * ADDR_SIZE)
     poll_fd = poller if isinstance(poller, int) else poller.fileno()
     count = lib.pulse_accept_batch(listen_fd, poll_fd, 1 if nodelay else 0,
-                                   1 if edge else 0, out, maximum)
+                                   1 if edge else 0, out, maximum, addrs)
     if count < 0:
         raise_errno(-count, "accept")
-    return list(ffi.unpack(out, count))
+    raw = ffi.buffer(addrs, count * ADDR_SIZE)[:]
+    return [(out[i], raw[i * ADDR_SIZE:(i + 1) * ADDR_SIZE]) for i in range(count)]
+
+
+ADDR_SIZE = lib.PULSE_ADDR_SIZE
 
 
 class ReadArena:
