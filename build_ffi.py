@@ -129,11 +129,14 @@ static int read_socket(int fd, int hup, char *arena, unsigned int arena_size,
                        unsigned int *pos, unsigned int read_size, int max_reads,
                        int *out, int n, int maxrecs) {
     int reads = 0;
+    /* MORE and UNREAD send the socket round again as a carry; HUP goes with
+       them so that the next call still reads on to the FIN. */
+    int again_flags = hup ? PULSE_HUP : 0;
     for (;;) {
-        if (n >= maxrecs - 1) { return emit(out, n, fd, PULSE_UNREAD, 0, 0); }
+        if (n >= maxrecs - 1) { return emit(out, n, fd, PULSE_UNREAD | again_flags, 0, 0); }
         unsigned int room = arena_size - *pos;
         if (room < 4096 && room < read_size) {
-            return emit(out, n, fd, PULSE_UNREAD, 0, 0);
+            return emit(out, n, fd, PULSE_UNREAD | again_flags, 0, 0);
         }
         unsigned int want = read_size < room ? read_size : room;
         ssize_t got = recv(fd, arena + *pos, want, 0);
@@ -143,7 +146,7 @@ static int read_socket(int fd, int hup, char *arena, unsigned int arena_size,
             reads++;
             if ((size_t)got < want && !hup) { return n; }
             if (reads >= max_reads) {
-                out[4 * (n - 1) + 1] |= PULSE_MORE;
+                out[4 * (n - 1) + 1] |= PULSE_MORE | again_flags;
                 return n;
             }
             continue;
@@ -341,7 +344,9 @@ int pulse_poll_read(int epfd, struct epoll_event *events, int maxevents,
     unsigned int pos = 0;
     int n = 0;
     for (int i = 0; i < ncarry; i++) {
-        n = read_socket(carry[i], 0, arena, arena_size, &pos, read_size,
+        /* ~fd: the kernel already reported the hang-up of this socket. */
+        int fd = carry[i] < 0 ? ~carry[i] : carry[i];
+        n = read_socket(fd, carry[i] < 0, arena, arena_size, &pos, read_size,
                         max_reads, out, n, maxrecs);
     }
     int ready = epoll_wait(epfd, events, maxevents, ncarry ? 0 : timeout_ms);
@@ -466,7 +471,9 @@ int pulse_poll_read(int kq, struct kevent *events, int maxevents,
     unsigned int pos = 0;
     int n = 0;
     for (int i = 0; i < ncarry; i++) {
-        n = read_socket(carry[i], 0, arena, arena_size, &pos, read_size,
+        /* ~fd: the kernel already reported the hang-up of this socket. */
+        int fd = carry[i] < 0 ? ~carry[i] : carry[i];
+        n = read_socket(fd, carry[i] < 0, arena, arena_size, &pos, read_size,
                         max_reads, out, n, maxrecs);
     }
     struct timespec ts, *tsp = NULL;

@@ -51,7 +51,7 @@ class Conn:
         "_pending", "_above_high", "backpressure_reads", "_read_paused", "_user_paused", "_input_paused", "_writing", "_close_err",
         "_abort", "_close_called", "_eof", "_read_timer", "_write_timer", "_idle_timer",
         "_user_timers", "_active", "_laddr", "_raddr", "_task", "_on_data", "_connecting",
-        "opened",
+        "_hup", "opened",
         "__weakref__",
     )
 
@@ -61,6 +61,7 @@ class Conn:
         self._handler = handler
         self._on_data = handler.on_data  # bound once: the loop calls it per read
         self._connecting = False  # a dial in progress: writes wait in the backlog
+        self._hup = False  # the kernel reported the peer's FIN while data was still queued
         #: True once ``on_open`` ran (False for a dial that failed to connect).
         self.opened = False
         #: Free slot for the handler's per-connection state (the Go ``Session``).

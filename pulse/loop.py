@@ -25,6 +25,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from . import _sys
 from ._sys.flags import EOF as _EOF, ERROR as _ERROR, MORE as _MORE, READ as _READ
+from ._sys.flags import HUP as _HUP
 from ._sys.flags import SPECIAL as _SPECIAL, UNREAD as _UNREAD, WRITABLE as _WRITABLE
 from .conn import CLOSED, CLOSING, OPEN, Conn
 from .errors import ServerStateError
@@ -188,7 +189,8 @@ class EventLoop:
         carry = self._carry
         if carry:
             self._carry = []
-            fds = [c._fd for c in carry
+            # ~fd tells the C helper the hang-up was seen: read on to the FIN.
+            fds = [~c._fd if c._hup else c._fd for c in carry
                    if c._state == OPEN and not c.reading_paused]
         else:
             fds = carry
@@ -247,6 +249,8 @@ class EventLoop:
                 else:
                     runner.data(conn, payload)
                 if flags & _MORE and edge:
+                    if flags & _HUP:
+                        conn._hup = True
                     self._carry.append(conn)
             elif flags & _WRITABLE:
                 conn._on_writable()
@@ -265,6 +269,8 @@ class EventLoop:
             elif flags & _ERROR:
                 conn._fail(_os_error(-records[k + 3]))
             elif flags & _UNREAD and edge:
+                if flags & _HUP:
+                    conn._hup = True
                 self._carry.append(conn)
         self.bytes_in += received
 
@@ -491,11 +497,17 @@ class EventLoop:
             for conn in queue:
                 if conn._state == CLOSED:
                     continue
+                # An on_close that ran just before may have written to this
+                # connection: send it before the fd goes.
+                if self._wcount:
+                    self._flush()
                 if conn._backlog and not conn._abort and not conn._connecting:
                     if not conn._writing:
                         conn._update_interest()
                     continue  # _on_writable queues it again once drained
                 self._finalize(conn)
+        if self._wcount:
+            self._flush()  # what on_close wrote to connections that stay open
 
     def _finalize(self, conn: Conn) -> None:
         conn._state = CLOSED

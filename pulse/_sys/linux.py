@@ -82,9 +82,12 @@ class Epoll:
 
     def events_for(self, read: bool, write: bool, edge: bool) -> int:
         """The epoll mask for a connection that wants reads and/or writes."""
-        mask = EPOLLRDHUP
+        # RDHUP only with reads: a level-triggered RDHUP stays raised after
+        # the peer's FIN, and a connection that only drains its backlog to a
+        # half-closed peer would be woken for it forever.
+        mask = 0
         if read:
-            mask |= EPOLLIN
+            mask |= EPOLLIN | EPOLLRDHUP
         if write:
             mask |= EPOLLOUT
         if edge:
