@@ -232,13 +232,19 @@ class Conn:
         self._fail(err)
 
     def pause_reading(self) -> None:
-        """Stop delivering ``on_data`` until ``resume_reading()``."""
+        """Stop delivering ``on_data`` until ``resume_reading()``; safe from any thread."""
+        if self._loop._thread_id != _get_ident():
+            self._loop.call_soon_threadsafe(self.pause_reading)
+            return
         if not self._user_paused and self._state == OPEN:
             self._user_paused = True
             self._update_interest()
 
     def resume_reading(self) -> None:
-        """Undo ``pause_reading()``."""
+        """Undo ``pause_reading()``; safe from any thread."""
+        if self._loop._thread_id != _get_ident():
+            self._loop.call_soon_threadsafe(self.resume_reading)
+            return
         if self._user_paused and self._state == OPEN:
             self._user_paused = False
             self._update_interest()
@@ -283,8 +289,12 @@ class Conn:
         self._set_deadline(deadline, False)
 
     def set_nodelay(self, enabled: bool = True) -> None:
-        """Switch TCP_NODELAY (on by default); a no-op on Unix sockets."""
+        """Switch TCP_NODELAY (on by default); a no-op on Unix sockets.  Safe from any thread."""
         self._check_open("set_nodelay")
+        if self._loop._thread_id != _get_ident():
+            # On the loop, where the fd cannot be closed (and reused) under us.
+            self._loop.call_soon_threadsafe(self._if_open, self.set_nodelay, enabled)
+            return
         try:
             self._loop.backend.setsockopt_int(self._fd, socket.IPPROTO_TCP, socket.TCP_NODELAY,
                                 1 if enabled else 0)
@@ -293,9 +303,16 @@ class Conn:
                 raise
 
     def set_keepalive(self, enabled: bool = True) -> None:
-        """Switch SO_KEEPALIVE for this connection."""
+        """Switch SO_KEEPALIVE for this connection.  Safe from any thread."""
         self._check_open("set_keepalive")
+        if self._loop._thread_id != _get_ident():
+            self._loop.call_soon_threadsafe(self._if_open, self.set_keepalive, enabled)
+            return
         self._loop.backend.setsockopt_int(self._fd, socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1 if enabled else 0)
+
+    def _if_open(self, method: Any, *args: Any) -> None:
+        if self._state == OPEN:
+            method(*args)
 
     def _check_open(self, what: str) -> None:
         if self._state != OPEN or self._close_called:

@@ -88,6 +88,7 @@ class EventLoop:
         self._conns: Dict[int, Conn] = {}
         self._specials: Dict[int, Callable[[], None]] = {}
         self._carry: List[Conn] = []
+        self._parked: List[Tuple[socket.socket, Any, TimerHandle]] = []  # listeners out of fds
         self._close_queue: List[Conn] = []
         self._ready: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = collections.deque()
         self._timers = Timers()
@@ -182,7 +183,7 @@ class EventLoop:
             self._close()
 
     def _run_once(self) -> None:
-        if self._ready or self._close_queue:
+        if self._ready or self._close_queue or self._wcount:
             timeout = 0
         else:
             timeout = self._timers.timeout_ms(monotonic())
@@ -423,10 +424,16 @@ class EventLoop:
         self._poller.unregister(lfd)
         self._specials.pop(lfd, None)
 
-        def resume() -> None:
+        timer = self.call_later(ACCEPT_BACKOFF, self._unpark)
+        self._parked.append((sock, handler, timer))
+
+    def _unpark(self) -> None:
+        """Watch parked listeners again: the back-off ended, or an fd came back."""
+        parked, self._parked = self._parked, []
+        for sock, handler, timer in parked:
+            timer.cancel()
             if not self._stopping and sock.fileno() >= 0:
                 self.add_listener(sock, handler)
-        self.call_later(ACCEPT_BACKOFF, resume)
 
     def adopt(self, fd: int, handler: Any) -> Conn:
         """Serve an already connected, registered, non-blocking socket ``fd``."""
@@ -533,6 +540,8 @@ class EventLoop:
             self.backend.close(fd)
         except OSError as exc:
             logger.warning("pulse: close(fd=%d) failed: %s", fd, exc)
+        if self._parked:
+            self._unpark()  # an fd came back: accept now, not at the end of the back-off
         err = conn._close_err
         if self._runner is not None:
             self._runner.close(conn, err)
