@@ -7,10 +7,9 @@ until the client catches up, so the server's memory stays bounded.
     python examples/flow_backpressure.py --port 8082 [--host ...] [--trigger ...] [--task-type ...]
 """
 
-import argparse
 import logging
-import signal
 
+import example_cli
 import pulse
 
 REPLY = b"x" * 10_000
@@ -31,18 +30,8 @@ class Flow(pulse.Handler):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8082)
-    parser.add_argument("--trigger", choices=["edge", "level"], default="edge")
-    parser.add_argument("--task-type", choices=["loop", "pool", "thread"], default="loop")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args()
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s")
-    server = pulse.Server(Flow(), trigger=args.trigger, task_type=args.task_type)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    signal.signal(signal.SIGINT, lambda *_: server.stop())
-    server.serve((args.host, args.port))
+    parser = example_cli.parser(__doc__, 8082)
+    example_cli.run(Flow(), parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -21,13 +21,12 @@ lost its place in the stream.
 comparison; both use ``HelloApp`` below.
 """
 
-import argparse
 import logging
-import signal
 import time
 from email.utils import formatdate
 from typing import List, Optional, Tuple
 
+import example_cli
 import pulse
 from protocols import http
 
@@ -133,27 +132,11 @@ class HTTPHello(pulse.Handler):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080)
+    parser = example_cli.parser(__doc__, 8080)
     parser.add_argument("--max-head-size", type=int, default=http.DEFAULT_MAX_HEAD_SIZE,
                         help="largest request line + headers in bytes (else 431)")
-    parser.add_argument("--trigger", choices=["edge", "level"], default="edge")
-    parser.add_argument("--task-type", choices=["loop", "pool", "thread"], default="loop")
-    parser.add_argument("--workers", default="1", help="reactor processes (N or auto)")
-    parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args()
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s")
-    handler = HTTPHello(args.max_head_size)
-    options = dict(trigger=args.trigger, task_type=args.task_type)
-    if args.workers != "1":
-        from pulse.launcher import serve
-        serve(handler, (args.host, args.port), workers=args.workers, **options)
-        return
-    server = pulse.Server(handler, **options)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    signal.signal(signal.SIGINT, lambda *_: server.stop())
-    server.serve((args.host, args.port))
+    example_cli.run(HTTPHello(args.max_head_size), args)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,10 @@ the other once what it sent has been forwarded.
     python examples/proxy.py --port 8083 --upstream 127.0.0.1:6379 [--workers N]
 """
 
-import argparse
 import logging
-import signal
 from typing import Optional
 
+import example_cli
 import pulse
 
 
@@ -75,27 +74,11 @@ class Proxy(pulse.Handler):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8083)
+    parser = example_cli.parser(__doc__, 8083)
     parser.add_argument("--upstream", required=True, help="HOST:PORT to forward to")
-    parser.add_argument("--trigger", choices=["edge", "level"], default="edge")
-    parser.add_argument("--task-type", choices=["loop", "pool", "thread"], default="loop")
-    parser.add_argument("--workers", default="1", help="reactor processes (N or auto)")
-    parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args()
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s")
     pulse.parse_address(args.upstream)  # a bad --upstream fails here, before listening
-    handler = Proxy(args.upstream)
-    options = dict(trigger=args.trigger, task_type=args.task_type)
-    if args.workers != "1":
-        from pulse.launcher import serve
-        serve(handler, (args.host, args.port), workers=args.workers, **options)
-        return
-    server = pulse.Server(handler, **options)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    signal.signal(signal.SIGINT, lambda *_: server.stop())
-    server.serve((args.host, args.port))
+    example_cli.run(Proxy(args.upstream), args)
 
 
 if __name__ == "__main__":

@@ -34,16 +34,15 @@ Design notes:
     redis-benchmark -p 6380 -q -t ping,set,get -P 16 -c 50
 """
 
-import argparse
 import fnmatch
 import heapq
 import logging
 import re
-import signal
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
+import example_cli
 import pulse
 from protocols import resp
 
@@ -386,26 +385,8 @@ class MiniRedis(pulse.Handler):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=6380)
-    parser.add_argument("--trigger", choices=["edge", "level"], default="edge")
-    parser.add_argument("--task-type", choices=["loop", "pool", "thread"], default="loop")
-    parser.add_argument("--workers", default="1",
-                        help="reactor processes (N or auto); each has its own key space")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args()
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s")
-    handler = MiniRedis()
-    options = dict(trigger=args.trigger, task_type=args.task_type)
-    if args.workers != "1":
-        from pulse.launcher import serve
-        serve(handler, (args.host, args.port), workers=args.workers, **options)
-        return
-    server = pulse.Server(handler, **options)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    signal.signal(signal.SIGINT, lambda *_: server.stop())
-    server.serve((args.host, args.port))
+    parser = example_cli.parser(__doc__, 6380)
+    example_cli.run(MiniRedis(), parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -21,11 +21,10 @@ What this example shows:
     python examples/tlv_server.py --port 8090 [--max-frame-size BYTES] [--workers N|auto]
 """
 
-import argparse
 import logging
-import signal
 from typing import Optional
 
+import example_cli
 import pulse
 from protocols import tlv
 
@@ -63,27 +62,11 @@ class TLVEcho(pulse.Handler):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8090)
+    parser = example_cli.parser(__doc__, 8090)
     parser.add_argument("--max-frame-size", type=int, default=tlv.DEFAULT_MAX_FRAME_SIZE,
                         help="largest accepted value length in bytes (default 1 MiB)")
-    parser.add_argument("--trigger", choices=["edge", "level"], default="edge")
-    parser.add_argument("--task-type", choices=["loop", "pool", "thread"], default="loop")
-    parser.add_argument("--workers", default="1", help="reactor processes (N or auto)")
-    parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args()
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s")
-    handler = TLVEcho(args.max_frame_size)
-    options = dict(trigger=args.trigger, task_type=args.task_type)
-    if args.workers != "1":
-        from pulse.launcher import serve
-        serve(handler, (args.host, args.port), workers=args.workers, **options)
-        return
-    server = pulse.Server(handler, **options)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    signal.signal(signal.SIGINT, lambda *_: server.stop())
-    server.serve((args.host, args.port))
+    example_cli.run(TLVEcho(args.max_frame_size), args)
 
 
 if __name__ == "__main__":
