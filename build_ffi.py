@@ -343,26 +343,33 @@ int pulse_poll_read(int epfd, struct epoll_event *events, int maxevents,
                     int max_reads, int *out, int maxrecs) {
     unsigned int pos = 0;
     int n = 0;
+    /* Records never pass maxrecs: each carried socket still to come keeps one
+       slot for its UNREAD (a carried socket without a record is dropped from
+       the carry and, in edge mode, never read again), each event taken keeps
+       two (WRITABLE and a read), and no more events are taken than fit; the
+       rest stay queued in the kernel for the next call. */
     for (int i = 0; i < ncarry; i++) {
         /* ~fd: the kernel already reported the hang-up of this socket. */
         int fd = carry[i] < 0 ? ~carry[i] : carry[i];
         n = read_socket(fd, carry[i] < 0, arena, arena_size, &pos, read_size,
-                        max_reads, out, n, maxrecs);
+                        max_reads, out, n, maxrecs - (ncarry - 1 - i));
     }
+    if ((maxrecs - n) / 2 < maxevents) { maxevents = (maxrecs - n) / 2; }
+    if (maxevents <= 0) { return n; }
     int ready = epoll_wait(epfd, events, maxevents, ncarry ? 0 : timeout_ms);
     if (ready < 0) { return errno == EINTR ? n : -errno; }
     for (int i = 0; i < ready; i++) {
+        int cap = maxrecs - 2 * (ready - 1 - i);  /* the later events' slots stay free */
         uint64_t data = events[i].data.u64;
         uint32_t ev = events[i].events;
         int fd = (int)(uint32_t)data;
-        if (n >= maxrecs - 2) { n = emit(out, n, fd, PULSE_UNREAD, 0, (int)ev); continue; }
         if (data & SPECIAL_BIT) { n = emit(out, n, fd, PULSE_SPECIAL, 0, (int)ev); continue; }
         if (ev & EPOLLOUT) { n = emit(out, n, fd, PULSE_WRITABLE, 0, 0); }
         if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
             int hup = (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0;
             n = read_socket(fd, hup, arena, arena_size, &pos, read_size,
-                            max_reads, out, n, maxrecs);
-            if ((ev & EPOLLERR) && !(ev & EPOLLIN)) {
+                            max_reads, out, n, cap);
+            if ((ev & EPOLLERR) && !(ev & EPOLLIN) && n < cap) {
                 int err = 0;
                 socklen_t len = sizeof(err);
                 getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
@@ -375,8 +382,9 @@ int pulse_poll_read(int epfd, struct epoll_event *events, int maxevents,
 """
 
 DARWIN_CDEF = """
+/* "...": FreeBSD >= 12 appends uint64_t ext[4]; let the compiler lay it out. */
 struct kevent { uintptr_t ident; int16_t filter; uint16_t flags; uint32_t fflags;
-                intptr_t data; void *udata; };
+                intptr_t data; void *udata; ...; };
 struct timespec { long tv_sec; long tv_nsec; ...; };
 
 #define EVFILT_READ ...
@@ -470,12 +478,19 @@ int pulse_poll_read(int kq, struct kevent *events, int maxevents,
                     int max_reads, int *out, int maxrecs) {
     unsigned int pos = 0;
     int n = 0;
+    /* Records never pass maxrecs: each carried socket still to come keeps one
+       slot for its UNREAD (a carried socket without a record is dropped from
+       the carry and, in edge mode, never read again), each event taken keeps
+       two (WRITABLE and a read), and no more events are taken than fit; the
+       rest stay queued in the kernel for the next call. */
     for (int i = 0; i < ncarry; i++) {
         /* ~fd: the kernel already reported the hang-up of this socket. */
         int fd = carry[i] < 0 ? ~carry[i] : carry[i];
         n = read_socket(fd, carry[i] < 0, arena, arena_size, &pos, read_size,
-                        max_reads, out, n, maxrecs);
+                        max_reads, out, n, maxrecs - (ncarry - 1 - i));
     }
+    if ((maxrecs - n) / 2 < maxevents) { maxevents = (maxrecs - n) / 2; }
+    if (maxevents <= 0) { return n; }
     struct timespec ts, *tsp = NULL;
     if (ncarry) { timeout_ms = 0; }
     if (timeout_ms >= 0) {
@@ -486,16 +501,19 @@ int pulse_poll_read(int kq, struct kevent *events, int maxevents,
     int ready = kevent(kq, NULL, 0, events, maxevents, tsp);
     if (ready < 0) { return errno == EINTR ? n : -errno; }
     for (int i = 0; i < ready; i++) {
+        int cap = maxrecs - 2 * (ready - 1 - i);  /* the later events' slots stay free */
         struct kevent *e = &events[i];
         int fd = (int)e->ident;
-        if (n >= maxrecs - 2) { n = emit(out, n, fd, PULSE_UNREAD, 0, 0); continue; }
         if (e->udata) { n = emit(out, n, fd, PULSE_SPECIAL, 0, e->filter); continue; }
         if (e->filter == EVFILT_WRITE) { n = emit(out, n, fd, PULSE_WRITABLE, 0, 0); continue; }
         if (e->filter == EVFILT_READ) {
             int hup = (e->flags & EV_EOF) != 0;
+            /* With EV_EOF, fflags holds the socket error, but read_socket (hup)
+               reads on until recv reports that same error, or EOF, itself; a
+               second record here would follow EOF (turning a clean close into
+               an error) or fail a socket whose data is still being carried. */
             n = read_socket(fd, hup, arena, arena_size, &pos, read_size,
-                            max_reads, out, n, maxrecs);
-            if (hup && e->fflags) { n = emit(out, n, fd, PULSE_ERROR, 0, -(int)e->fflags); }
+                            max_reads, out, n, cap);
         }
     }
     return n;

@@ -124,8 +124,9 @@ class Server:
             if self._stop_requested:
                 loop.stop()
             for sock in self._listeners:
-                logger.info("pulse: serving on %s (%s-triggered, task_type=%s)",
-                            sock.getsockname(), self.options.trigger, self.options.task_type)
+                logger.info("pulse: serving on %s (%s backend, %s-triggered, task_type=%s)",
+                            sock.getsockname(), loop.backend.NAME, self.options.trigger,
+                            self.options.task_type)
             self._started.set()
             loop.run(on_stop=self._close_listeners)
         finally:

@@ -36,7 +36,7 @@ def native_backend() -> Optional[str]:
     """The native backend of this platform, or None when it has none."""
     if sys.platform.startswith("linux"):
         return "epoll"
-    if sys.platform == "darwin" or "bsd" in sys.platform:
+    if sys.platform == "darwin" or "bsd" in sys.platform or sys.platform.startswith("dragonfly"):
         return "kqueue"
     return None
 
@@ -46,16 +46,23 @@ def check_backend_name(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError("backend must be one of {}, got {!r}".format(
             ", ".join(sorted(BACKENDS)), name))
-    if name != "portable" and name != native_backend():
-        raise ValueError("backend {!r} is not available on {} (use {!r} or 'portable')".format(
-            name, sys.platform, native_backend()))
+    native = native_backend()
+    if name != "portable" and name != native:
+        raise ValueError("backend {!r} is not available on {} (use {})".format(
+            name, sys.platform, "{!r} or 'portable'".format(native) if native else "'portable'"))
     return name
 
 
 def load(name: Optional[str] = None) -> ModuleType:
     """The backend module for ``name`` (default: ``PULSE_BACKEND`` or the native one)."""
     if name is None:
-        name = os.environ.get("PULSE_BACKEND") or native_backend() or "portable"
+        name = os.environ.get("PULSE_BACKEND")
+        if name:
+            try:
+                check_backend_name(name)
+            except ValueError as exc:
+                raise ValueError("PULSE_BACKEND: {}".format(exc)) from None
+        name = name or native_backend() or "portable"
     check_backend_name(name)
     return importlib.import_module("." + BACKENDS[name], __name__)
 

@@ -8,7 +8,7 @@ reactor, and ``poll_read``, the batched wait-and-read fast path.  Edge mode is
 """
 
 import errno
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from ._common import (  # noqa: F401  (re-exported: this module is the public API)
     EOF, ERROR, HUP, MORE, READ, SPECIAL, UNREAD, WRITABLE, ReadArena, WriteBatch,
@@ -72,14 +72,21 @@ class Kqueue:
         """Re-add a filter with new flags (kqueue replaces it in place)."""
         self._ctl(fd, filt, EV_ADD | flags, special)
 
-    def unregister(self, fd: int, filt: int = EVFILT_READ) -> None:
-        """Remove one filter of ``fd``; a missing filter or closed fd is ignored."""
+    def unregister(self, fd: int, filt: Optional[int] = None) -> None:
+        """Remove one filter of ``fd``, or both (as epoll's unregister does) when
+        ``filt`` is None; a missing filter or closed fd is ignored."""
         if self._fd < 0:
             return
-        if lib.pulse_kq_ctl(self._fd, fd, filt, EV_DELETE, 0) < 0:
-            code = lib.pulse_errno()
-            if code not in (errno.ENOENT, errno.EBADF):
-                raise_errno(code, "kevent(EV_DELETE, fd={})".format(fd))
+        # Both by default: the loop unregisters specials by fd alone, and a
+        # dial in progress is an EVFILT_WRITE special; left behind it keeps
+        # firing (level-triggered) until the socket is closed.
+        for one in (EVFILT_READ, EVFILT_WRITE) if filt is None else (filt,):
+            if lib.pulse_kq_ctl(self._fd, fd, one, EV_DELETE, 0) < 0:
+                code = lib.pulse_errno()
+                if code not in (errno.ENOENT, errno.EBADF):
+                    raise_errno(code, "kevent(EV_DELETE, fd={})".format(fd))
+        if filt is None or filt == EVFILT_WRITE:
+            self._writing.discard(fd)
 
     def watch(self, fd: int, read: bool, write: bool, edge: bool) -> None:
         """Change what a registered connection fd is watched for."""
