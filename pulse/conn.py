@@ -51,7 +51,7 @@ class Conn:
         "_pending", "_above_high", "backpressure_reads", "_read_paused", "_user_paused", "_input_paused", "_writing", "_close_err",
         "_abort", "_close_called", "_eof", "_read_timer", "_write_timer", "_idle_timer",
         "_user_timers", "_active", "_laddr", "_raddr", "_task", "_on_data", "_connecting",
-        "_hup", "opened",
+        "_hup", "_held", "_held_eof", "opened",
         "__weakref__",
     )
 
@@ -62,6 +62,8 @@ class Conn:
         self._on_data = handler.on_data  # bound once: the loop calls it per read
         self._connecting = False  # a dial in progress: writes wait in the backlog
         self._hup = False  # the kernel reported the peer's FIN while data was still queued
+        self._held: Optional[List[bytes]] = None  # read before pause_reading() took effect
+        self._held_eof = False  # the FIN came while paused: report it after the held data
         #: True once ``on_open`` ran (False for a dial that failed to connect).
         self.opened = False
         #: Free slot for the handler's per-connection state (the Go ``Session``).
@@ -248,6 +250,8 @@ class Conn:
         if self._user_paused and self._state == OPEN:
             self._user_paused = False
             self._update_interest()
+            if self._held or self._held_eof:
+                self._loop.call_soon(self._release_held)
 
     def call_later(self, delay: float, callback: Any, *args: Any) -> "TimerHandle":
         """Run ``callback(*args)`` on the loop after ``delay`` seconds, unless the
@@ -456,6 +460,21 @@ class Conn:
             self._update_interest()
         if not backlog and self._state == CLOSING:
             loop._close_queue.append(self)
+
+    def _hold(self, payload: bytes) -> None:
+        if self._held is None:
+            self._held = []
+        self._held.append(payload)
+
+    def _release_held(self) -> None:
+        """After resume_reading(): deliver what was held, in order, then a held FIN."""
+        loop = self._loop
+        held = self._held
+        while held and not self._user_paused and self._state == OPEN:
+            loop._deliver(self, held.pop(0))
+        if not held and self._held_eof and not self._user_paused:
+            self._held_eof = False
+            loop._on_eof(self)
 
     def _peer_closed(self) -> None:
         """The peer sent FIN and every callback queued before it has run: close."""

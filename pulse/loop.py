@@ -240,6 +240,11 @@ class EventLoop:
                 if track_idle:
                     conn._active = now
                 payload = data[off:off + size]
+                if conn._user_paused:
+                    # Read in this batch before pause_reading() took effect:
+                    # kept for resume_reading(), never dropped.
+                    conn._hold(payload.tobytes())
+                    continue
                 if not zero_copy:
                     payload = payload.tobytes()
                 if runner is None:
@@ -256,17 +261,7 @@ class EventLoop:
             elif flags & _WRITABLE:
                 conn._on_writable()
             elif flags & _EOF:
-                if conn._state != OPEN:
-                    if not conn._backlog:
-                        self._close_queue.append(conn)  # closing anyway: the peer is gone
-                elif runner is None:
-                    conn._peer_closed()
-                elif not conn._eof:
-                    # Close once the callbacks queued before the FIN have run
-                    # (their replies must still go out); stop reading meanwhile.
-                    conn._eof = True
-                    conn._update_interest()
-                    runner.eof(conn)
+                self._on_eof(conn)
             elif flags & _ERROR:
                 conn._fail(_os_error(-records[k + 3]))
             elif flags & _UNREAD and edge:
@@ -274,6 +269,32 @@ class EventLoop:
                     conn._hup = True
                 self._carry.append(conn)
         self.bytes_in += received
+
+    def _on_eof(self, conn: Conn) -> None:
+        """The peer sent FIN (after every byte it sent was delivered or held)."""
+        if conn._state != OPEN:
+            if not conn._backlog:
+                self._close_queue.append(conn)  # closing anyway: the peer is gone
+        elif conn._user_paused or conn._held:
+            conn._held_eof = True  # after the held data, at resume_reading()
+        elif self._runner is None:
+            conn._peer_closed()
+        elif not conn._eof:
+            # Close once the callbacks queued before the FIN have run (their
+            # replies must still go out); stop reading meanwhile.
+            conn._eof = True
+            conn._update_interest()
+            self._runner.eof(conn)
+
+    def _deliver(self, conn: Conn, payload: bytes) -> None:
+        """Hand one chunk to ``on_data`` (the dispatch loop inlines this)."""
+        if self._runner is None:
+            try:
+                conn._on_data(conn, payload)
+            except Exception as exc:  # noqa: BLE001
+                self._callback_failed(conn, "on_data", exc)
+        else:
+            self._runner.data(conn, payload)
 
     def _run_timers(self) -> None:
         for handle in self._timers.pop_due(monotonic()):

@@ -1,6 +1,5 @@
 """The core examples run as real programs: the echo server and the raw epoll echo."""
 
-import os
 import signal
 import socket
 import subprocess
