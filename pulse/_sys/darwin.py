@@ -30,8 +30,9 @@ SHUT_RD = lib.SHUT_RD
 SHUT_WR = lib.SHUT_WR
 SHUT_RDWR = lib.SHUT_RDWR
 
-#: The ident of the EVFILT_USER event used by ``Waker``.
-WAKER_IDENT = 0x7075
+#: The ident of the EVFILT_USER event used by ``Waker``: INT_MAX, a number no
+#: fd reaches, so it never collides with a socket in the loop's special fds.
+WAKER_IDENT = 0x7FFFFFFF
 
 
 class Kqueue:
