@@ -185,8 +185,10 @@ class EventLoop:
     def _run_once(self) -> None:
         if self._ready or self._close_queue or self._wcount:
             timeout = 0
-        else:
+        elif self._timers._heap:
             timeout = self._timers.timeout_ms(monotonic())
+        else:
+            timeout = -1  # no timer: block until an event or a wake-up
         carry = self._carry
         if carry:
             self._carry = []
