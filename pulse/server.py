@@ -74,9 +74,9 @@ class Server:
     def listen(self, address: Any) -> SockAddr:
         """Bind and listen on ``address`` (or adopt a listening ``socket.socket``).
 
-        May be called several times before or while serving... before
-        ``serve()`` only.  Returns the bound address; raises ``OSError``
-        naming the address when it is in use.
+        May be called several times, before ``serve()`` only.  Returns the
+        bound address; raises ``OSError`` naming the address when it is in
+        use.
         """
         with self._lock:
             if self._state != "new":
