@@ -182,3 +182,22 @@ def hard_reset(sock: socket.socket) -> None:
 def rss() -> int:
     """Resident set size of this process in bytes."""
     return psutil.Process(os.getpid()).memory_info().rss
+
+
+def free_port() -> int:
+    """A 127.0.0.1 port nobody listens on (now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def connect_when_up(port: int, timeout: float = 15.0) -> socket.socket:
+    """Connect to 127.0.0.1:``port``, retrying until a server starting up listens."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=10)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 import pulse
-from support import RSS_SLACK, ServerThread, no_leaks, pattern, recv_exactly, recv_until_eof, wait_for
+from support import RSS_SLACK, ServerThread, free_port, no_leaks, pattern, recv_exactly, recv_until_eof, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,10 +52,6 @@ class Outcome(pulse.Handler):
         self.closed.set()
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("task_type", ["loop", "pool"])
@@ -63,7 +59,7 @@ def test_connect_refused_reaches_on_close(task_type: str) -> None:
     handler = Outcome()
     with no_leaks():
         with pulse.Client(task_type=task_type) as client:
-            conn = client.dial(("127.0.0.1", _closed_port()), handler, timeout=5)
+            conn = client.dial(("127.0.0.1", free_port()), handler, timeout=5)
             assert handler.closed.wait(5)
         assert not conn.opened
     assert handler.open_calls == 0 and handler.close_calls == 1
@@ -190,12 +186,10 @@ def test_client_that_never_ran_releases_its_fds() -> None:
 
 # -- the proxy example ------------------------------------------------------
 
-def _free_port() -> int:
-    return _closed_port()
 
 
 def _start_proxy(upstream: tuple) -> tuple:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "proxy.py"), "--port",
                              str(port), "--upstream", "{}:{}".format(*upstream),
                              "--log-level", "WARNING"])
@@ -285,7 +279,7 @@ def test_proxy_closing_either_side_closes_the_other() -> None:
             sock.close()
             assert len(talkers) == 2 and all(err is None for err in closes)
             # The upstream refuses: the client is closed.
-            proc2, port2 = _start_proxy(("127.0.0.1", _closed_port()))
+            proc2, port2 = _start_proxy(("127.0.0.1", free_port()))
             try:
                 sock = socket.create_connection(("127.0.0.1", port2), timeout=10)
                 assert recv_until_eof(sock, time.monotonic() + 10) == b""

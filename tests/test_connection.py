@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 import pulse
-from support import ServerThread, no_leaks, recv_exactly, recv_until_eof, wait_for
+from support import ServerThread, connect_when_up, free_port, no_leaks, recv_exactly, recv_until_eof, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,11 +159,11 @@ def test_backpressure_pauses_and_resumes_reading(task_type: str) -> None:
 
 def test_backpressure_bounds_server_memory() -> None:
     """A client offering up to 1 GiB and not reading leaves the server's RSS bounded."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "flow_backpressure.py"),
                              "--port", str(port), "--log-level", "WARNING"])
     try:
-        sock = _connect_when_up(port)
+        sock = connect_when_up(port)
         server = psutil.Process(proc.pid)
         time.sleep(0.3)
         rss_before = server.memory_info().rss
@@ -396,18 +396,4 @@ def test_tcp_options_per_connection() -> None:
     assert values == {"nodelay_default": 1, "nodelay_off": 0, "keepalive": 1}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
-
-def _connect_when_up(port: int, timeout: float = 15.0) -> socket.socket:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return socket.create_connection(("127.0.0.1", port), timeout=10)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)

@@ -22,7 +22,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
-from support import recv_exactly, recv_until_eof
+from support import free_port, recv_exactly, recv_until_eof
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -34,10 +34,6 @@ TOOL_TIMEOUT = 15.0
 # ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def need(tool: str, package: str) -> str:

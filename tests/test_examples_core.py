@@ -1,7 +1,6 @@
 """The core examples run as real programs: the echo server and the raw epoll echo."""
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -9,26 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from support import pattern, recv_exactly
+from support import connect_when_up, free_port, pattern, recv_exactly
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
-def connect_when_up(port: int, timeout: float = 15.0) -> socket.socket:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return socket.create_connection(("127.0.0.1", port), timeout=10)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def check_echo(port: int) -> None:

@@ -22,6 +22,7 @@ import pytest
 
 from pulse import Options, launcher
 from pulse.cli import SERVER_OPTIONS, build_parser
+from support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BULK_BLOCK = bytes(range(256)) * 256  # 64 KiB
@@ -119,10 +120,6 @@ def app_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Launched:
