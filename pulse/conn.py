@@ -234,24 +234,40 @@ class Conn:
         self._fail(err)
 
     def pause_reading(self) -> None:
-        """Stop delivering ``on_data`` until ``resume_reading()``; safe from any thread."""
-        if self._loop._thread_id != _get_ident():
-            self._loop.call_soon_threadsafe(self.pause_reading)
+        """Stop delivering ``on_data`` until ``resume_reading()``; safe from any thread.
+
+        Data (and a FIN) that was already read is held, in order, and
+        delivered after ``resume_reading()``; in the threaded task modes that
+        includes what is queued for the handler when the pause is made.
+        """
+        if self._user_paused or self._state != OPEN:
             return
-        if not self._user_paused and self._state == OPEN:
+        tasks = self._task
+        if tasks is not None:
+            with tasks.lock:  # the workers check the flag under this lock
+                self._user_paused = True
+        else:
             self._user_paused = True
+        if self._loop._thread_id != _get_ident():
+            self._loop.call_soon_threadsafe(self._update_interest)
+        else:
             self._update_interest()
 
     def resume_reading(self) -> None:
-        """Undo ``pause_reading()``; safe from any thread."""
-        if self._loop._thread_id != _get_ident():
-            self._loop.call_soon_threadsafe(self.resume_reading)
+        """Undo ``pause_reading()``: held data comes first; safe from any thread."""
+        loop = self._loop
+        if loop._thread_id != _get_ident():
+            loop.call_soon_threadsafe(self.resume_reading)
             return
-        if self._user_paused and self._state == OPEN:
+        if not self._user_paused or self._state != OPEN:
+            return
+        if loop._runner is not None and self._task is not None:
+            loop._runner.resume(self)  # clears the flag and requeues held callbacks first
+        else:
             self._user_paused = False
-            self._update_interest()
-            if self._held or self._held_eof:
-                self._loop.call_soon(self._release_held)
+        self._update_interest()
+        if self._held or self._held_eof:
+            loop.call_soon(self._release_held)
 
     def call_later(self, delay: float, callback: Any, *args: Any) -> "TimerHandle":
         """Run ``callback(*args)`` on the loop after ``delay`` seconds, unless the

@@ -242,7 +242,7 @@ class EventLoop:
                 if track_idle:
                     conn._active = now
                 payload = data[off:off + size]
-                if conn._user_paused:
+                if conn._user_paused and runner is None:
                     # Read in this batch before pause_reading() took effect:
                     # kept for resume_reading(), never dropped.
                     conn._hold(payload.tobytes())
@@ -277,7 +277,7 @@ class EventLoop:
         if conn._state != OPEN:
             if not conn._backlog:
                 self._close_queue.append(conn)  # closing anyway: the peer is gone
-        elif conn._user_paused or conn._held:
+        elif self._runner is None and (conn._user_paused or conn._held):
             conn._held_eof = True  # after the held data, at resume_reading()
         elif self._runner is None:
             conn._peer_closed()

@@ -35,7 +35,7 @@ Item = Tuple[Callable[..., Any], Tuple[Any, ...], int]
 class ConnTasks:
     """The per-connection queue of callbacks waiting to run."""
 
-    __slots__ = ("items", "lock", "scheduled", "queued_bytes", "cancelled", "ready")
+    __slots__ = ("items", "lock", "scheduled", "queued_bytes", "cancelled", "ready", "held")
 
     def __init__(self) -> None:
         self.items: Deque[Item] = collections.deque()
@@ -44,6 +44,7 @@ class ConnTasks:
         self.queued_bytes = 0
         self.cancelled = False  # close() was called: drop the on_data still queued
         self.ready = threading.Condition(self.lock)
+        self.held: List[Item] = []  # on_data/FIN items kept while reading is paused
 
 
 class Runner:
@@ -71,7 +72,30 @@ class Runner:
         self._submit(conn, func, (conn,), 0)
 
     def eof(self, conn: Conn) -> None:
-        self._submit(conn, self.loop.call_soon_threadsafe, (conn._peer_closed,), 0)
+        self._submit(conn, _peer_closed, (conn,), 0)
+
+    def resume(self, conn: Conn) -> None:
+        """On the loop: end a pause_reading(); the held items run next, before newer ones.
+
+        The flag and the queue change under one lock, so a worker either held
+        an item (it is requeued here, at the front) or saw the flag clear.
+        """
+        tasks = conn._task
+        with tasks.lock:
+            conn._user_paused = False
+            held, tasks.held = tasks.held, []
+            if held:
+                tasks.items.extendleft(reversed(held))
+            kick = bool(held) and self._wake_locked(conn)
+        if kick:
+            self._schedule(conn)
+
+    def _wake_locked(self, conn: Conn) -> bool:
+        """With the lock held: make a worker look at the queue; True if ``_schedule`` must follow."""
+        return False
+
+    def _schedule(self, conn: Conn) -> None:
+        """Hand a connection with queued items to a worker (without the lock)."""
 
     def close(self, conn: Conn, err: Optional[BaseException]) -> None:
         if conn._task is None:  # a dial that never connected: on_close still runs here
@@ -85,6 +109,10 @@ class Runner:
         tasks = conn._task
         if size >= 0:
             with tasks.lock:
+                if conn._user_paused and (size > 0 or func is _peer_closed):
+                    # pause_reading(): keep data and FIN, in order, for resume.
+                    tasks.held.append(item)
+                    return
                 tasks.queued_bytes -= size
                 resume = conn._input_paused and tasks.queued_bytes <= INPUT_LOW_WATER
             if resume:
@@ -114,6 +142,11 @@ class Runner:
         raise NotImplementedError
 
 
+def _peer_closed(conn: Conn) -> None:
+    """Queued behind the data that came before a FIN: close on the loop now."""
+    conn._loop.call_soon_threadsafe(conn._peer_closed)
+
+
 def _resume_input(conn: Conn) -> None:
     if conn._input_paused:
         conn._input_paused = False
@@ -139,9 +172,18 @@ class PoolRunner(Runner):
             tasks.items.append((func, args, size))
             if size > 0:
                 tasks.queued_bytes += size
-            if tasks.scheduled:
+            if not self._wake_locked(conn):
                 return
-            tasks.scheduled = True
+        self._queue.put(conn)
+
+    def _wake_locked(self, conn: Conn) -> bool:
+        tasks = conn._task
+        if tasks.scheduled:
+            return False
+        tasks.scheduled = True
+        return True
+
+    def _schedule(self, conn: Conn) -> None:
         self._queue.put(conn)
 
     def _work(self) -> None:
@@ -194,6 +236,10 @@ class ThreadRunner(Runner):
             if size > 0:
                 tasks.queued_bytes += size
             tasks.ready.notify()
+
+    def _wake_locked(self, conn: Conn) -> bool:
+        conn._task.ready.notify()  # the lock held is the condition's own
+        return False
 
     def _work(self, conn: Conn) -> None:
         tasks = conn._task
