@@ -281,3 +281,27 @@ def test_write_after_close_raises(trigger: str, task_type: str) -> None:
         sock.close()
         handler.wait_closed(1)
     assert len(seen) == 2
+
+
+def test_pause_reading_holds_data_and_fin_until_resume(trigger: str, task_type: str) -> None:
+    class Paused(Recorder):
+        def on_open(self, conn: pulse.Conn) -> None:
+            conn.pause_reading()
+            super().on_open(conn)
+
+    handler = Paused(echo=False)
+    with ServerThread(handler, trigger=trigger, task_type=task_type) as srv:
+        sock = srv.connect()
+        sock.sendall(b"first ")
+        sock.sendall(b"second")
+        sock.shutdown(socket.SHUT_WR)
+        wait_for(lambda: handler.opened, 10, "on_open")
+        time.sleep(0.2)
+        with handler.lock:
+            early = (bytes(handler.data[id(handler.opened[0])]), dict(handler.closes))
+        assert early == (b"", {}), "delivered while paused: {!r}".format(early)
+        handler.opened[0].resume_reading()  # from this (foreign) thread
+        handler.wait_closed(1)
+        sock.close()
+    handler.check_once()
+    assert handler.data_at_close[id(handler.opened[0])] == b"first second"
