@@ -446,6 +446,23 @@ static int epoll_timeout_ms(uint64_t now, uint64_t deadline)
     return ms > 100 ? 100 : (int)ms;
 }
 
+/* The run's clock, shared by the ping-pong and connect-rate loops: switch to
+   the measured window after warm-up, and say when the run is over (window
+   ended, request cap reached).  Stall checks stay with each loop. */
+static int window_tick(uint64_t now, uint64_t warm_end, uint64_t end, uint64_t *m_start)
+{
+    if (!st.measuring && now >= warm_end) {
+        st.measuring = 1;
+        st.requests = 0;
+        hist_reset();
+        *m_start = now;
+        marker("start");
+    }
+    if (st.measuring && now >= end)
+        return 1;
+    return st.completed >= opt.max_requests;
+}
+
 static void check_stall(uint64_t now)
 {
     if ((double)(now - st.last_progress) / 1e9 > opt.stall_timeout)
@@ -510,16 +527,7 @@ static void run_echo(void)
     uint64_t last_scan = t0;
     for (;;) {
         now = now_ns();
-        if (!st.measuring && now >= warm_end) {
-            st.measuring = 1;
-            st.requests = 0;
-            hist_reset();
-            m_start = now;
-            marker("start");
-        }
-        if (st.measuring && now >= end)
-            break;
-        if (st.completed >= opt.max_requests)
+        if (window_tick(now, warm_end, end, &m_start))
             break;
         check_stall(now);
         if (now - last_scan > 100000000ull) {
@@ -741,16 +749,7 @@ static void run_connect_rate(void)
     uint64_t last_scan = t0;
     for (;;) {
         now = now_ns();
-        if (!st.measuring && now >= warm_end) {
-            st.measuring = 1;
-            st.requests = 0;
-            hist_reset();
-            m_start = now;
-            marker("start");
-        }
-        if (st.measuring && now >= end)
-            break;
-        if (st.completed >= opt.max_requests)
+        if (window_tick(now, warm_end, end, &m_start))
             break;
         check_stall(now);
         if (now - last_scan > 100000000ull) {
