@@ -83,7 +83,50 @@ class ErrorReply(bytes):
 # --------------------------------------------------------------------------
 
 
-class RequestParser:
+class _Incremental:
+    """The buffering both parsers share: hold a partial element, parse whole ones.
+
+    Subclasses keep ``_buf``, ``_need``, ``_line_limit`` and ``_error`` and
+    provide ``_parse(data, out)`` and ``_reset_after_error()``.
+    """
+
+    _buf: bytearray
+    _need: int
+    _line_limit: int
+    _error: Optional[ProtocolError]
+
+    def _feed(self, data: BytesLike) -> List[Any]:
+        if self._error is not None:
+            raise _rearm(self._error)
+        if type(data) is not bytes:
+            data = bytes(data)
+        buf = self._buf
+        if buf:
+            line_limit = self._line_limit
+            if (b"\n" not in data) if line_limit else (len(buf) + len(data) < self._need):
+                # Cannot complete the pending element yet: just accumulate.
+                buf += data
+                if not line_limit or len(buf) < line_limit:
+                    return []
+                data = bytes(buf)  # over the line limit: let _parse report it
+            else:
+                data = b"".join((buf, data))
+            del buf[:]
+        elif not data:
+            return []
+        out: List[Any] = []
+        try:
+            self._parse(data, out)  # type: ignore[attr-defined]
+        except ProtocolError as exc:
+            exc.completed = out
+            self._error = exc
+            self._buf = bytearray()
+            self._reset_after_error()  # type: ignore[attr-defined]
+            raise
+        return out
+
+
+class RequestParser(_Incremental):
     """Incremental RESP2 request parser: ``feed()`` it bytes, get complete commands.
 
     A request starting with ``*`` is a multibulk array of bulk strings; any other
@@ -145,35 +188,11 @@ class RequestParser:
         commands completed earlier in the same call are attached to the exception
         as ``completed``.
         """
-        if self._error is not None:
-            raise _rearm(self._error)
-        if type(data) is not bytes:
-            data = bytes(data)
-        buf = self._buf
-        if buf:
-            line_limit = self._line_limit
-            if (b"\n" not in data) if line_limit else (len(buf) + len(data) < self._need):
-                # Cannot complete the pending element yet: just accumulate.
-                buf += data
-                if not line_limit or len(buf) < line_limit:
-                    return []
-                data = bytes(buf)  # over the line limit: let _parse report it
-            else:
-                data = b"".join((buf, data))
-            del buf[:]
-        elif not data:
-            return []
-        commands: List[Command] = []
-        try:
-            self._parse(data, commands)
-        except ProtocolError as exc:
-            exc.completed = commands
-            self._error = exc
-            self._buf = bytearray()
-            self._args = None
-            self._held = 0
-            raise
-        return commands
+        return self._feed(data)
+
+    def _reset_after_error(self) -> None:
+        self._args = None
+        self._held = 0
 
     def _parse(self, data: bytes, out: List[Command]) -> None:
         pos = 0
@@ -360,7 +379,7 @@ def encode_command(args: Sequence[Union[str, int, BytesLike]]) -> bytes:
 # --------------------------------------------------------------------------
 
 
-class ReplyParser:
+class ReplyParser(_Incremental):
     """Incremental RESP2 reply parser: ``feed()`` it bytes, get complete replies.
 
     Replies come back as :class:`SimpleString`, :class:`ErrorReply` (returned, not
@@ -413,33 +432,10 @@ class ReplyParser:
         Raises :class:`ProtocolError` on malformed input; replies completed earlier
         in the same call are attached to the exception as ``completed``.
         """
-        if self._error is not None:
-            raise _rearm(self._error)
-        if type(data) is not bytes:
-            data = bytes(data)
-        buf = self._buf
-        if buf:
-            line_limit = self._line_limit
-            if (b"\n" not in data) if line_limit else (len(buf) + len(data) < self._need):
-                buf += data
-                if not line_limit or len(buf) < line_limit:
-                    return []
-                data = bytes(buf)
-            else:
-                data = b"".join((buf, data))
-            del buf[:]
-        elif not data:
-            return []
-        replies: List[Reply] = []
-        try:
-            self._parse(data, replies)
-        except ProtocolError as exc:
-            exc.completed = replies
-            self._error = exc
-            self._buf = bytearray()
-            self._stack = []
-            raise
-        return replies
+        return self._feed(data)
+
+    def _reset_after_error(self) -> None:
+        self._stack = []
 
     def _parse(self, data: bytes, out: List[Reply]) -> None:
         pos = 0
