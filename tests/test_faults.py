@@ -748,7 +748,9 @@ def test_fd_reuse_never_mixes_connections(
     rounds = 120
     handler = Killer()
     reused = 0
-    clients: Dict[int, Tuple[bytes, bytearray]] = {}  # port -> (sent, received)
+    # Keyed by the server ledger's serial, not the client port: on loopback
+    # Linux reuses a closed client's port (tcp_tw_reuse=2) within one test.
+    sent_by_serial: Dict[int, bytes] = {}
     with no_leaks():
         with ServerThread(handler, trigger=trigger, task_type=task_type) as srv:
             killer = srv.connect()
@@ -798,12 +800,12 @@ def test_fd_reuse_never_mixes_connections(
                     got = recv_exactly(sock, len(mine), time.monotonic() + 10)
                     assert got == mine, "a newcomer got bytes that are not its own"
                     ledger = handler.ledger_for(sock, since=mark)
-                    clients[sock.getsockname()[1]] = (mine, bytearray(got))
+                    sent_by_serial[ledger.serial] = mine
                     if ledger.fd == vledger.fd:
                         reused += 1
                     sock.close()
                 victim.close()
-                clients[vport] = (first + stream, bytearray(victim_got))
+                sent_by_serial[vledger.serial] = first + stream
                 # Start the next round with no free fd number below the victim's.
                 wait_for(lambda: handler.closed_count() == len(handler.ledgers) - 1, 10,
                          "the round's connections closed")
@@ -812,10 +814,10 @@ def test_fd_reuse_never_mixes_connections(
             # Nothing arrives late on any client: each was read to its own end.
     handler.check()
     with handler.lock:
+        assert len(sent_by_serial) == len(handler.ledgers) - 1, "every client but the killer is checked"
         for ledger in handler.ledgers:
-            port = ledger.peer[1]
-            if port in clients:
-                sent, _ = clients[port]
+            sent = sent_by_serial.get(ledger.serial)
+            if sent is not None:
                 assert sent.startswith(bytes(ledger.data)), \
                     "server connection {} saw bytes its client never sent".format(ledger.serial)
     figures.update(rounds=rounds, fd_reused=reused, connections=len(handler.ledgers))
