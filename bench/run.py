@@ -462,6 +462,7 @@ class Sample:
     p50_us: float = 0.0
     p99_us: float = 0.0
     cpu_us_per_req: float = 0.0
+    user_us_per_req: float = 0.0  # the user-space part of cpu_us_per_req
     server_cpu_pct: float = 0.0
     loadgen_cpu_pct: float = 0.0
     other_cpu_pct: float = 0.0
@@ -554,7 +555,8 @@ def measure_load(srv: ServerProcess, loadgen: Path, case: Case, duration: float,
     return Sample(
         ok=True, requests=requests, seconds=float(data["seconds"]), rps=float(data["rps"]),
         p50_us=float(data["p50_us"]), p99_us=float(data["p99_us"]),
-        cpu_us_per_req=server_cpu * 1e6 / requests, server_cpu_pct=100.0 * server_cpu / wall,
+        cpu_us_per_req=server_cpu * 1e6 / requests,
+        user_us_per_req=(s1[0] - s0[0]) * 1e6 / requests, server_cpu_pct=100.0 * server_cpu / wall,
         loadgen_cpu_pct=100.0 * loadgen_cpu / wall, other_cpu_pct=max(0.0, 100.0 * other / wall))
 
 
@@ -1030,8 +1032,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if case.kind == "idle":
                     log("%s: %.2f KiB/conn" % (prefix, sample.kib_per_conn))
                 else:
-                    log("%s: %.2f us/req, %.0f req/s, p99 %.0f us, server CPU %.0f%%"
-                        % (prefix, sample.cpu_us_per_req, sample.rps, sample.p99_us, sample.server_cpu_pct)
+                    log("%s: %.2f us/req (user %.2f), %.0f req/s, p99 %.0f us, server CPU %.0f%%"
+                        % (prefix, sample.cpu_us_per_req, sample.user_us_per_req, sample.rps, sample.p99_us, sample.server_cpu_pct)
                         + (", other load %.0f%%" % sample.other_cpu_pct if sample.other_cpu_pct >= 10 else ""))
 
     report = render_markdown(results, cases, servers, info, versions, args)
