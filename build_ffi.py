@@ -64,6 +64,7 @@ int getsockopt(int fd, int level, int name, void *value, socklen_t *len);
 #define PULSE_SPECIAL ...
 #define PULSE_UNREAD ...
 #define PULSE_HUP ...
+#define PULSE_READY ...
 
 int pulse_errno(void);
 int pulse_accept_batch(int lfd, int pollfd, int nodelay, int edge, int *out, int max,
@@ -101,6 +102,7 @@ COMMON_SOURCE = r"""
 #define PULSE_SPECIAL  32   /* listener or waker: not read, length = raw events */
 #define PULSE_UNREAD   64   /* the arena was full: the socket was not read */
 #define PULSE_HUP     128   /* the kernel reported hang-up */
+#define PULSE_READY   256   /* readable, left for the caller to read (direct[fd] set) */
 
 /* accept_batch keeps each peer's raw sockaddr (sockaddr_in6 is the largest
    we format) so that remote_address works even after the peer is gone. */
@@ -127,11 +129,17 @@ static int emit(int *out, int n, int fd, int flags, int off, int len) {
    behind an edge that will not fire again. */
 static int read_socket(int fd, int hup, char *arena, unsigned int arena_size,
                        unsigned int *pos, unsigned int read_size, int max_reads,
+                       const unsigned char *direct, int ndirect,
                        int *out, int n, int maxrecs) {
     int reads = 0;
     /* MORE and UNREAD send the socket round again as a carry; HUP goes with
        them so that the next call still reads on to the FIN. */
     int again_flags = hup ? PULSE_HUP : 0;
+    /* The caller reads this socket itself, straight into the object it hands
+       on: for large messages that saves a copy out of a cold arena. */
+    if (fd >= 0 && fd < ndirect && direct[fd]) {
+        return emit(out, n, fd, PULSE_READY | again_flags, 0, 0);
+    }
     for (;;) {
         if (n >= maxrecs - 1) { return emit(out, n, fd, PULSE_UNREAD | again_flags, 0, 0); }
         unsigned int room = arena_size - *pos;
@@ -286,7 +294,8 @@ int pulse_epoll_ctl(int epfd, int op, int fd, uint32_t events, int special);
 int pulse_poll_read(int epfd, struct epoll_event *events, int maxevents,
                     int timeout_ms, const int *carry, int ncarry,
                     char *arena, unsigned int arena_size, unsigned int read_size,
-                    int max_reads, int *out, int maxrecs);
+                    int max_reads, const unsigned char *direct, int ndirect,
+                    int *out, int maxrecs);
 """
 
 LINUX_SOURCE = COMMON_SOURCE + r"""
@@ -340,7 +349,8 @@ int pulse_accept_batch(int lfd, int pollfd, int nodelay, int edge, int *out, int
 int pulse_poll_read(int epfd, struct epoll_event *events, int maxevents,
                     int timeout_ms, const int *carry, int ncarry,
                     char *arena, unsigned int arena_size, unsigned int read_size,
-                    int max_reads, int *out, int maxrecs) {
+                    int max_reads, const unsigned char *direct, int ndirect,
+                    int *out, int maxrecs) {
     unsigned int pos = 0;
     int n = 0;
     /* Records never pass maxrecs: each carried socket still to come keeps one
@@ -352,7 +362,7 @@ int pulse_poll_read(int epfd, struct epoll_event *events, int maxevents,
         /* ~fd: the kernel already reported the hang-up of this socket. */
         int fd = carry[i] < 0 ? ~carry[i] : carry[i];
         n = read_socket(fd, carry[i] < 0, arena, arena_size, &pos, read_size,
-                        max_reads, out, n, maxrecs - (ncarry - 1 - i));
+                        max_reads, direct, ndirect, out, n, maxrecs - (ncarry - 1 - i));
     }
     if ((maxrecs - n) / 2 < maxevents) { maxevents = (maxrecs - n) / 2; }
     if (maxevents <= 0) { return n; }
@@ -368,7 +378,7 @@ int pulse_poll_read(int epfd, struct epoll_event *events, int maxevents,
         if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
             int hup = (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0;
             n = read_socket(fd, hup, arena, arena_size, &pos, read_size,
-                            max_reads, out, n, cap);
+                            max_reads, direct, ndirect, out, n, cap);
             if ((ev & EPOLLERR) && !(ev & EPOLLIN) && n < cap) {
                 int err = 0;
                 socklen_t len = sizeof(err);
@@ -413,7 +423,8 @@ int pulse_kq_trigger(int kq, int ident);
 int pulse_poll_read(int kq, struct kevent *events, int maxevents,
                     int timeout_ms, const int *carry, int ncarry,
                     char *arena, unsigned int arena_size, unsigned int read_size,
-                    int max_reads, int *out, int maxrecs);
+                    int max_reads, const unsigned char *direct, int ndirect,
+                    int *out, int maxrecs);
 """
 
 DARWIN_SOURCE = COMMON_SOURCE + r"""
@@ -475,7 +486,8 @@ int pulse_accept_batch(int lfd, int kq, int nodelay, int edge, int *out, int max
 int pulse_poll_read(int kq, struct kevent *events, int maxevents,
                     int timeout_ms, const int *carry, int ncarry,
                     char *arena, unsigned int arena_size, unsigned int read_size,
-                    int max_reads, int *out, int maxrecs) {
+                    int max_reads, const unsigned char *direct, int ndirect,
+                    int *out, int maxrecs) {
     unsigned int pos = 0;
     int n = 0;
     /* Records never pass maxrecs: each carried socket still to come keeps one
@@ -487,7 +499,7 @@ int pulse_poll_read(int kq, struct kevent *events, int maxevents,
         /* ~fd: the kernel already reported the hang-up of this socket. */
         int fd = carry[i] < 0 ? ~carry[i] : carry[i];
         n = read_socket(fd, carry[i] < 0, arena, arena_size, &pos, read_size,
-                        max_reads, out, n, maxrecs - (ncarry - 1 - i));
+                        max_reads, direct, ndirect, out, n, maxrecs - (ncarry - 1 - i));
     }
     if ((maxrecs - n) / 2 < maxevents) { maxevents = (maxrecs - n) / 2; }
     if (maxevents <= 0) { return n; }
@@ -513,7 +525,7 @@ int pulse_poll_read(int kq, struct kevent *events, int maxevents,
                second record here would follow EOF (turning a clean close into
                an error) or fail a socket whose data is still being carried. */
             n = read_socket(fd, hup, arena, arena_size, &pos, read_size,
-                            max_reads, out, n, cap);
+                            max_reads, direct, ndirect, out, n, cap);
         }
     }
     return n;

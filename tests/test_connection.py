@@ -15,7 +15,8 @@ import psutil
 import pytest
 
 import pulse
-from support import ServerThread, connect_when_up, free_port, no_leaks, recv_exactly, recv_until_eof, wait_for
+from support import (ServerThread, connect_when_up, free_port, no_leaks, pattern, recv_exactly,
+                     recv_until_eof, wait_for)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -397,3 +398,60 @@ def test_tcp_options_per_connection() -> None:
 
 
 
+
+
+# -- direct reads of large messages ------------------------------------------
+
+
+class DirectProbe(pulse.Handler):
+    """Echo that records, per on_data, the chunk size and whether the loop
+    was reading this connection directly (not through the arena)."""
+
+    def __init__(self) -> None:
+        self.seen: List[tuple] = []
+        self.fd = -1
+        self.closed = threading.Event()
+
+    def on_open(self, conn: pulse.Conn) -> None:
+        self.fd = conn.fileno()
+
+    def on_data(self, conn: pulse.Conn, data: bytes) -> None:
+        assert type(data) is bytes
+        self.seen.append((len(data), conn.loop._direct[conn.fileno()]))
+        conn.write(data)
+
+    def on_close(self, conn: pulse.Conn, err: Optional[BaseException]) -> None:
+        self.closed.set()
+
+
+@pytest.mark.parametrize("trigger", ["edge", "level"])
+def test_large_reads_go_direct_and_small_ones_come_back(trigger: str) -> None:
+    """A connection that receives large chunks is read straight into the
+    bytes given to on_data; when its messages become small it returns to the
+    batched arena reads; every byte arrives in order either way, and the
+    next connection on the same fd number starts on the arena."""
+    handler = DirectProbe()
+    with no_leaks():
+        with ServerThread(handler, trigger=trigger) as srv:
+            sock = srv.connect()
+            big = pattern(8 * 1024 * 1024, 7)
+            got = bytearray()
+            sender = threading.Thread(target=sock.sendall, args=(big,))
+            sender.start()
+            got += recv_exactly(sock, len(big), time.monotonic() + 30)
+            sender.join(30)
+            assert got == big
+            assert any(flag for _, flag in handler.seen), "large reads never went direct"
+            # Small request/response rounds: the connection returns to the arena.
+            for i in range(20):
+                msg = b"small-%d" % i
+                sock.sendall(msg)
+                assert recv_exactly(sock, len(msg), time.monotonic() + 10) == msg
+            assert handler.seen[-1] == (len(b"small-19"), 0), handler.seen[-3:]
+            # Back to large, then close: the fd's flag is cleared with the connection.
+            sock.sendall(big[:1024 * 1024])
+            assert recv_exactly(sock, 1024 * 1024, time.monotonic() + 30) == big[:1024 * 1024]
+            sock.close()
+            assert handler.closed.wait(10)
+            wait_for(lambda: not srv.server._loop._conns, 10, "the connection closed")
+            assert srv.server._loop._direct[handler.fd] == 0

@@ -13,14 +13,14 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from ._pulse_ffi import ffi, lib
 from .addresses import parse_sockaddr  # noqa: F401  (re-exported)
-from .flags import EOF, ERROR, HUP, MORE, READ, SPECIAL, UNREAD, WRITABLE
+from .flags import DIRECT_FDS, EOF, ERROR, HUP, MORE, READ, READY, SPECIAL, UNREAD, WRITABLE
 
 Buffer = Union[bytes, bytearray, memoryview]
 
 # The C helpers and the portable backend must agree on the record flags.
-assert (READ, EOF, ERROR, WRITABLE, MORE, SPECIAL, UNREAD, HUP) == (
+assert (READ, EOF, ERROR, WRITABLE, MORE, SPECIAL, UNREAD, HUP, READY) == (
     lib.PULSE_READ, lib.PULSE_EOF, lib.PULSE_ERROR, lib.PULSE_WRITABLE, lib.PULSE_MORE,
-    lib.PULSE_SPECIAL, lib.PULSE_UNREAD, lib.PULSE_HUP), "build_ffi.py and flags.py disagree"
+    lib.PULSE_SPECIAL, lib.PULSE_UNREAD, lib.PULSE_HUP, lib.PULSE_READY), "build_ffi.py and flags.py disagree"
 
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 
@@ -155,7 +155,9 @@ class ReadArena:
 
     ``records`` is an ``int32`` memoryview of ``(fd, flags, offset, length)``
     quadruples and ``data`` a byte memoryview of the arena: Python slices the
-    arena instead of calling into cffi once per field.
+    arena instead of calling into cffi once per field.  ``direct[fd] = 1``
+    makes ``poll_read`` report that socket as ``READY`` instead of reading it,
+    so the caller can read it straight into the object it hands on.
     """
 
     def __init__(self, size: int, max_records: int) -> None:
@@ -166,6 +168,9 @@ class ReadArena:
         self.data = memoryview(ffi.buffer(self.cbuf))
         self.records = memoryview(ffi.buffer(self.crecords)).cast("i")
         self.ccarry = ffi.new("int[]", max_records)
+        self.ndirect = DIRECT_FDS
+        self.cdirect = ffi.new("unsigned char[]", DIRECT_FDS)
+        self.direct = memoryview(ffi.buffer(self.cdirect))
 
 
 class WriteBatch:

@@ -151,7 +151,8 @@ class Kqueue:
             ccarry[i] = carry[i]
         count = lib.pulse_poll_read(self._fd, self._events, self.max_events, timeout_ms,
                                     ccarry, ncarry, arena.cbuf, arena.size, read_size,
-                                    max_reads, arena.crecords, arena.max_records)
+                                    max_reads, arena.cdirect, arena.ndirect,
+                                    arena.crecords, arena.max_records)
         if count < 0:
             raise_errno(-count, "kevent")
         return count

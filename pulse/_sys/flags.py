@@ -12,3 +12,7 @@ MORE = 16      # the per-call read cap was reached: more data may wait
 SPECIAL = 32   # a listener or waker: reported, not read
 UNREAD = 64    # the arena was full: the socket was not read
 HUP = 128      # the kernel reported hang-up
+READY = 256    # readable, not read: ReadArena.direct[fd] asks the caller to read it
+
+#: ``ReadArena.direct`` covers fds below this; higher ones are always read into the arena.
+DIRECT_FDS = 65536
