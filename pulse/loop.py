@@ -3,7 +3,9 @@
 One iteration is four steps, each as few C calls as possible:
 
 1. ``poll_read``: one C call waits for events and reads every readable socket
-   into the read arena, returning flat ``(fd, flags, offset, length)`` records;
+   into the read arena, returning flat ``(fd, flags, offset, length)`` records
+   (connections with large reads are only reported ``READY``, and read by
+   ``_read_direct`` into the bytes handed to ``on_data``);
 2. dispatch: Python walks the records and runs the callbacks;
 3. flush: every write queued during the iteration goes out in one C call;
 4. close: connections closed during the iteration are closed for real.
