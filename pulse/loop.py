@@ -45,7 +45,7 @@ ACCEPT_BACKOFF = 0.1
 # _read_direct from then on, until one of those reads is under
 # DIRECT_READ_OFF: large messages skip the copy out of the arena, small ones
 # keep the one-call-per-iteration batch.
-DIRECT_READ_ON = 32 * 1024
+DIRECT_READ_ON = 16 * 1024
 DIRECT_READ_OFF = 4 * 1024
 
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -85,9 +85,9 @@ class EventLoop:
         arena_size = max(4 * 1024 * 1024, 4 * opts.read_buffer_size)
         self._arena = backend.ReadArena(arena_size, 4 * opts.max_events + 64)
         # Connections whose reads are large are read by _read_direct instead
-        # (event-loop mode, bytes payloads, a backend that supports it).
+        # (bytes payloads, with a backend that supports it).
         self._direct: Optional[memoryview] = None
-        if opts.task_type == "loop" and not opts.zero_copy and getattr(self._arena, "ndirect", 0):
+        if not opts.zero_copy and getattr(self._arena, "ndirect", 0):
             self._direct = self._arena.direct
         self._wb = backend.WriteBatch(WRITE_ARENA_SIZE, WRITE_MAX_ITEMS)
         # Hot fields of the write batch, read by Conn.write's inlined fast path.
@@ -325,10 +325,13 @@ class EventLoop:
                 conn._active = self._now
             if got < DIRECT_READ_OFF:
                 self._direct[fd] = 0  # small reads again: back to the batched arena
-            try:
-                conn._on_data(conn, data)
-            except Exception as exc:  # noqa: BLE001 - a callback may raise anything
-                self._callback_failed(conn, "on_data", exc)
+            if self._runner is not None:
+                self._runner.data(conn, data)
+            else:
+                try:
+                    conn._on_data(conn, data)
+                except Exception as exc:  # noqa: BLE001 - a callback may raise anything
+                    self._callback_failed(conn, "on_data", exc)
             if conn._state != OPEN or conn.reading_paused:
                 return
             if got < size and not hup:

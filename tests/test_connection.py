@@ -425,15 +425,16 @@ class DirectProbe(pulse.Handler):
         self.closed.set()
 
 
+@pytest.mark.parametrize("task_type", ["loop", "pool", "thread"])
 @pytest.mark.parametrize("trigger", ["edge", "level"])
-def test_large_reads_go_direct_and_small_ones_come_back(trigger: str) -> None:
+def test_large_reads_go_direct_and_small_ones_come_back(trigger: str, task_type: str) -> None:
     """A connection that receives large chunks is read straight into the
     bytes given to on_data; when its messages become small it returns to the
     batched arena reads; every byte arrives in order either way, and the
     next connection on the same fd number starts on the arena."""
     handler = DirectProbe()
     with no_leaks():
-        with ServerThread(handler, trigger=trigger) as srv:
+        with ServerThread(handler, trigger=trigger, task_type=task_type) as srv:
             loop = srv.server._loop
             supported = not loop.backend.__name__.endswith(".portable")
             assert (loop._direct is not None) == supported
