@@ -41,12 +41,14 @@ ACCEPT_BURST = 64
 # After EMFILE/ENFILE the listener is parked this long instead of spinning on
 # a level-triggered event that accept cannot clear.
 ACCEPT_BACKOFF = 0.1
-# A connection whose arena read reaches DIRECT_READ_ON bytes is read by
+# A connection whose arena read reaches DIRECT_READ_ON bytes and lands past
+# the first DIRECT_AFTER bytes of the arena (which stay in cache) is read by
 # _read_direct from then on, until one of those reads is under
-# DIRECT_READ_OFF: large messages skip the copy out of the arena, small ones
-# keep the one-call-per-iteration batch.
+# DIRECT_READ_OFF: large messages in busy batches skip a copy out of cold
+# memory; small ones, and a lone connection, keep the one-call batch.
 DIRECT_READ_ON = 16 * 1024
 DIRECT_READ_OFF = 4 * 1024
+DIRECT_AFTER = 256 * 1024
 
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -263,7 +265,8 @@ class EventLoop:
                     continue
                 if not zero_copy:
                     payload = payload.tobytes()
-                if size >= DIRECT_READ_ON and direct is not None and records[k] < DIRECT_FDS:
+                if (size >= DIRECT_READ_ON and off + size > DIRECT_AFTER and direct is not None
+                        and records[k] < DIRECT_FDS):
                     direct[records[k]] = 1  # large reads: _read_direct from now on
                 if runner is None:
                     try:
