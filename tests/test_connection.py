@@ -397,9 +397,6 @@ def test_tcp_options_per_connection() -> None:
     assert values == {"nodelay_default": 1, "nodelay_off": 0, "keepalive": 1}
 
 
-
-
-
 # -- direct reads of large messages ------------------------------------------
 
 
