@@ -747,17 +747,13 @@ def render_markdown(results: Results, cases: List[Case], servers: List[str], inf
     conn_cases = [c for c in cases if c.kind == "connect"]
     idle_cases = [c for c in cases if c.kind == "idle"]
 
-    def load_table(title: str, unit: str, rate: str, table_cases: List[Case]) -> None:
-        """Append one table of echo or connect results to ``lines``."""
+    def table(title: str, head: List[str], table_cases: List[Case], label: Callable[[Case], str],
+              cells: Callable[[Dict[str, float], Optional[Dict[str, float]], List[Sample]], List[str]]) -> None:
+        """Append one table to ``lines``: a row per case and server that has
+        samples, ``label(case)`` and the server's name first, then
+        ``cells(summary, uvloop_summary, samples)`` or the first error."""
         lines.append("## %s" % title)
         lines.append("")
-        head = ["case", "server", "CPU us/%s" % unit]
-        if have_base:
-            head.append("CPU xuvloop")
-        head.append(rate)
-        if have_base:
-            head.append("%s xuvloop" % rate)
-        head += ["p50 us", "p99 us", "srv/gen/other CPU %", "CPU spread"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
         for case in table_cases:
@@ -767,54 +763,54 @@ def render_markdown(results: Results, cases: List[Case], servers: List[str], inf
                 if not samples:
                     continue
                 s = summarize(samples)
-                label = "%s (%s)" % (case.name, case.describe())
+                row = [label(case), name]
                 if s is None:
-                    cells = [label, name, "FAILED: %s" % first_error(samples)]
-                    cells += [""] * (len(head) - len(cells))
+                    row.append("FAILED: %s" % first_error(samples))
+                    row += [""] * (len(head) - len(row))
                 else:
-                    cells = [label, name, fmt(s["cpu"], 2)]
-                    if have_base:
-                        cells.append(ratio(s["cpu"], base["cpu"] if base else None))
-                    cells.append(fmt(s["rps"], 0))
-                    if have_base:
-                        cells.append(ratio(s["rps"], base["rps"] if base else None))
-                    cells += [fmt(s["p50"]), fmt(s["p99"]), "%.0f/%.0f/%.0f" % (s["srv"], s["gen"], s["other"]),
-                              "±%.1f%%" % s["spread"]]
-                    if s["n"] < len(samples):
-                        cells[2] += " (%d/%d ok)" % (s["n"], len(samples))
-                lines.append("| " + " | ".join(cells) + " |")
+                    row += cells(s, base, samples)
+                lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+
+    def load_table(title: str, unit: str, rate: str, table_cases: List[Case]) -> None:
+        """Append one table of echo or connect results to ``lines``."""
+        head = ["case", "server", "CPU us/%s" % unit]
+        if have_base:
+            head.append("CPU xuvloop")
+        head.append(rate)
+        if have_base:
+            head.append("%s xuvloop" % rate)
+        head += ["p50 us", "p99 us", "srv/gen/other CPU %", "CPU spread"]
+
+        def cells(s: Dict[str, float], base: Optional[Dict[str, float]], samples: List[Sample]) -> List[str]:
+            out = [fmt(s["cpu"], 2)]
+            if s["n"] < len(samples):
+                out[0] += " (%d/%d ok)" % (s["n"], len(samples))
+            if have_base:
+                out.append(ratio(s["cpu"], base["cpu"] if base else None))
+            out.append(fmt(s["rps"], 0))
+            if have_base:
+                out.append(ratio(s["rps"], base["rps"] if base else None))
+            return out + [fmt(s["p50"]), fmt(s["p99"]), "%.0f/%.0f/%.0f" % (s["srv"], s["gen"], s["other"]),
+                          "±%.1f%%" % s["spread"]]
+        table(title, head, table_cases, lambda case: "%s (%s)" % (case.name, case.describe()), cells)
+
+    def idle_cells(s: Dict[str, float], base: Optional[Dict[str, float]], samples: List[Sample]) -> List[str]:
+        good = [x for x in samples if x.ok]
+        out = [fmt(s["kib"], 2)]
+        if have_base:
+            out.append(ratio(s["kib"], base["kib"] if base else None))
+        return out + [fmt(median([x.rss_before / 2**20 for x in good])),
+                      fmt(median([x.rss_after / 2**20 for x in good]))]
 
     if echo_cases:
         load_table("Echo: server CPU per request (primary), throughput, latency", "req", "req/s", echo_cases)
     if conn_cases:
         load_table("Connection churn: connect, echo 64 B, close", "conn", "conn/s", conn_cases)
     if idle_cases:
-        lines.append("## Resident memory per idle connection")
-        lines.append("")
         head = ["case", "server", "KiB/conn"] + (["xuvloop"] if have_base else []) + ["RSS before MiB",
                                                                                      "RSS after MiB"]
-        lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
-        for case in idle_cases:
-            base = summarize(results.get(case.name, {}).get(BASELINE, []))
-            for name in servers:
-                samples = results.get(case.name, {}).get(name, [])
-                if not samples:
-                    continue
-                s = summarize(samples)
-                if s is None:
-                    cells = [case.describe(), name, "FAILED: %s" % first_error(samples)]
-                    cells += [""] * (len(head) - len(cells))
-                else:
-                    good = [x for x in samples if x.ok]
-                    cells = [case.describe(), name, fmt(s["kib"], 2)]
-                    if have_base:
-                        cells.append(ratio(s["kib"], base["kib"] if base else None))
-                    cells += [fmt(median([x.rss_before / 2**20 for x in good])),
-                              fmt(median([x.rss_after / 2**20 for x in good]))]
-                lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+        table("Resident memory per idle connection", head, idle_cases, lambda case: case.describe(), idle_cells)
     return "\n".join(lines)
 
 
