@@ -328,13 +328,7 @@ class EventLoop:
                 conn._active = self._now
             if got < DIRECT_READ_OFF:
                 self._direct[fd] = 0  # small reads again: back to the batched arena
-            if self._runner is not None:
-                self._runner.data(conn, data)
-            else:
-                try:
-                    conn._on_data(conn, data)
-                except Exception as exc:  # noqa: BLE001 - a callback may raise anything
-                    self._callback_failed(conn, "on_data", exc)
+            self._deliver(conn, data)
             if conn._state != OPEN or conn.reading_paused:
                 return
             if got < size and not hup:
