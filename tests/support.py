@@ -164,6 +164,21 @@ def echo_many(address: Tuple[str, int], messages: List[bytes], timeout: float = 
         sel.close()
 
 
+def offer(sock: socket.socket, chunk: bytes, seconds: float, cap: int = 1 << 30) -> int:
+    """Send ``chunk`` again and again on ``sock`` (made non-blocking) for
+    ``seconds`` or until ``cap`` bytes went out, retrying while the kernel
+    refuses; return the bytes sent."""
+    sock.setblocking(False)
+    sent = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and sent < cap:
+        try:
+            sent += sock.send(chunk)
+        except BlockingIOError:
+            time.sleep(0.001)
+    return sent
+
+
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
     """Poll ``predicate`` until true or fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 import pulse
-from support import (ServerThread, connect_when_up, free_port, no_leaks, pattern, recv_exactly,
+from support import (ServerThread, connect_when_up, free_port, no_leaks, offer, pattern, recv_exactly,
                      recv_until_eof, wait_for)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,14 +136,7 @@ def test_backpressure_pauses_and_resumes_reading(task_type: str) -> None:
 
     with ServerThread(Flow(), task_type=task_type) as srv:
         sock = srv.connect()
-        sock.setblocking(False)
-        sent = 0
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline and sent < 1 << 30:
-            try:
-                sent += sock.send(b"r" * 1024)
-            except BlockingIOError:
-                time.sleep(0.001)
+        sent = offer(sock, b"r" * 1024, 2)
         wait_for(lambda: "pause" in events, 10, "on_pause_writing")
         # The server stopped reading: we could not push more than kernel buffers hold.
         assert sent < 64 * 1024 * 1024
@@ -168,14 +161,7 @@ def test_backpressure_bounds_server_memory() -> None:
         server = psutil.Process(proc.pid)
         time.sleep(0.3)
         rss_before = server.memory_info().rss
-        sock.setblocking(False)
-        offered = 0
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and offered < 1 << 30:
-            try:
-                offered += sock.send(b"q" * 65536)
-            except BlockingIOError:
-                time.sleep(0.002)
+        offer(sock, b"q" * 65536, 3)
         growth = server.memory_info().rss - rss_before
         # 64 KiB high-water mark plus one read arena; without backpressure the
         # replies to what was offered would be ~10x the bytes offered.
