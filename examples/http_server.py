@@ -48,6 +48,19 @@ class HelloApp:
         self._second = -1
         self._hello = b""
 
+    def answer(self, parser: http.RequestParser, data: bytes) -> Tuple[bytes, bool]:
+        """Feed ``data`` to a connection's parser: the bytes to write back and
+        whether to close after them (a malformed request gets its error
+        response, after the answers to the requests completed before it)."""
+        try:
+            requests = parser.feed(data)
+        except http.HTTPError as exc:
+            out = self.respond(exc.completed)[0] if exc.completed else b""
+            return out + http.error_response(exc), True
+        if not requests:
+            return b"", False
+        return self.respond(requests)
+
     def respond(self, requests: List[http.Request]) -> Tuple[bytes, bool]:
         """Response bytes for ``requests`` (in order) and the close-after flag."""
         now = int(time.time())
@@ -112,19 +125,11 @@ class HTTPHello(pulse.Handler):
                                           max_body_size=64 * 1024)
 
     def on_data(self, conn: pulse.Conn, data: bytes) -> None:
-        try:
-            requests = conn.session.feed(data)
-        except http.HTTPError as exc:
-            # The requests completed before the bad one still get their answers.
-            out = self.app.respond(exc.completed)[0] if exc.completed else b""
-            conn.write(out + http.error_response(exc))
-            conn.close()
-            return
-        if requests:
-            out, close = self.app.respond(requests)
+        out, close = self.app.answer(conn.session, data)
+        if out:
             conn.write(out)
-            if close:
-                conn.close()
+        if close:
+            conn.close()
 
     def on_close(self, conn: pulse.Conn, err: Optional[BaseException]) -> None:
         if err is not None:

@@ -36,19 +36,11 @@ class HelloProtocol(asyncio.Protocol):
                                          max_body_size=64 * 1024)
 
     def data_received(self, data: bytes) -> None:
-        transport = self.transport
-        try:
-            requests = self.parser.feed(data)
-        except http.HTTPError as exc:
-            out = self.app.respond(exc.completed)[0] if exc.completed else b""
-            transport.write(out + http.error_response(exc))
-            transport.close()
-            return
-        if requests:
-            out, close = self.app.respond(requests)
-            transport.write(out)
-            if close:
-                transport.close()
+        out, close = self.app.answer(self.parser, data)
+        if out:
+            self.transport.write(out)
+        if close:
+            self.transport.close()
 
 
 async def serve(host: str, port: int, max_head_size: int) -> None:
