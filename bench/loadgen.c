@@ -446,19 +446,40 @@ static int epoll_timeout_ms(uint64_t now, uint64_t deadline)
     return ms > 100 ? 100 : (int)ms;
 }
 
-/* The run's clock, shared by the ping-pong and connect-rate loops: switch to
-   the measured window after warm-up, and say when the run is over (window
-   ended, request cap reached).  Stall checks stay with each loop. */
-static int window_tick(uint64_t now, uint64_t warm_end, uint64_t end, uint64_t *m_start)
+/* The run's clock: warm-up ends at warm_end, the measured window runs from
+   m_start to end. */
+typedef struct {
+    uint64_t t0, warm_end, end, m_start;
+} window_t;
+
+/* Start the clock (and the measured window at once when there is no warm-up). */
+static window_t window_begin(void)
 {
-    if (!st.measuring && now >= warm_end) {
+    window_t w;
+    w.t0 = now_ns();
+    w.warm_end = w.t0 + (uint64_t)(opt.warmup * 1e9);
+    w.end = w.warm_end + (uint64_t)(opt.duration * 1e9);
+    w.m_start = w.t0;
+    st.last_progress = w.t0;
+    if (opt.warmup <= 0) {
+        st.measuring = 1;
+        marker("start");
+    }
+    return w;
+}
+
+/* Switch to the measured window after warm-up, and say when the run is over
+   (window ended, request cap reached). */
+static int window_tick(window_t *w, uint64_t now)
+{
+    if (!st.measuring && now >= w->warm_end) {
         st.measuring = 1;
         st.requests = 0;
         hist_reset();
-        *m_start = now;
+        w->m_start = now;
         marker("start");
     }
-    if (st.measuring && now >= end)
+    if (st.measuring && now >= w->end)
         return 1;
     return st.completed >= opt.max_requests;
 }
@@ -472,8 +493,9 @@ static void check_stall(uint64_t now)
 /* Per-connection check: the oldest message still in flight on any connection
  * must not be older than the stall timeout (catches one lost echo among many
  * healthy connections). */
-static void check_conns_stall(conn_t *conns, uint64_t now)
+static void check_conns_stall(void *items, uint64_t now)
 {
+    conn_t *conns = items;
     uint64_t limit = (uint64_t)(opt.stall_timeout * 1e9);
     for (int i = 0; i < opt.conns; i++) {
         conn_t *c = &conns[i];
@@ -483,6 +505,72 @@ static void check_conns_stall(conn_t *conns, uint64_t now)
                 "received; server lost or withheld data)",
                 c->id, c->recvd, opt.stall_timeout, c->recv_off, opt.size);
     }
+}
+
+/* What the shared run loop needs from a mode (ping-pong or connect rate):
+   its epoll fd, its array of connections or slots, what to do with an event
+   and how to find one that stalled. */
+typedef struct {
+    int ep;
+    void *items;
+    void (*on_event)(void *ptr, uint32_t events);
+    void (*scan_stalls)(void *items, uint64_t now);
+} run_mode_t;
+
+/* Wait up to timeout_ms and hand every event to the mode. */
+static void poll_events(const run_mode_t *m, struct epoll_event *events, int timeout_ms)
+{
+    int n = epoll_wait(m->ep, events, MAX_EVENTS, timeout_ms);
+    if (n < 0) {
+        if (errno == EINTR)
+            return;
+        die(1, "epoll_wait: %s", strerror(errno));
+    }
+    for (int i = 0; i < n; i++)
+        m->on_event(events[i].data.ptr, events[i].events);
+}
+
+/* Run warm-up and the measured window (#start/#stop markers), then drain:
+   issue nothing new and wait until everything in flight was echoed and
+   verified, so no sent byte goes unchecked.  Returns the measured seconds
+   and requests through the pointers. */
+static void run_loop(const run_mode_t *m, window_t *w, double *seconds, uint64_t *reqs)
+{
+    struct epoll_event events[MAX_EVENTS];
+    uint64_t now;
+    uint64_t last_scan = w->t0;
+    for (;;) {
+        now = now_ns();
+        if (window_tick(w, now))
+            break;
+        check_stall(now);
+        if (now - last_scan > 100000000ull) {
+            m->scan_stalls(m->items, now);
+            last_scan = now;
+        }
+        poll_events(m, events, epoll_timeout_ms(now, st.measuring ? w->end : w->warm_end));
+    }
+    now = now_ns();
+    st.stopping = 1;
+    marker("stop");
+    *seconds = st.measuring ? (double)(now - w->m_start) / 1e9 : 0.0;
+    *reqs = st.measuring ? st.requests : 0;
+    int measuring = st.measuring;
+    st.measuring = 0;
+    while (st.completed < st.issued_total) {
+        m->scan_stalls(m->items, now_ns());
+        poll_events(m, events, 100);
+    }
+    st.measuring = measuring;
+}
+
+static void conn_event(void *ptr, uint32_t e)
+{
+    conn_t *c = ptr;
+    if (e & EPOLLOUT)
+        conn_flush(c);
+    if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+        conn_readable(c, e);
 }
 
 static void run_echo(void)
@@ -507,77 +595,16 @@ static void run_echo(void)
             die(1, "epoll_ctl: %s", strerror(errno));
     }
 
-    uint64_t t0 = now_ns();
-    uint64_t warm_end = t0 + (uint64_t)(opt.warmup * 1e9);
-    uint64_t end = warm_end + (uint64_t)(opt.duration * 1e9);
-    uint64_t m_start = t0;
-    st.last_progress = t0;
-    if (opt.warmup <= 0) {
-        st.measuring = 1;
-        marker("start");
-    }
+    window_t w = window_begin();
     for (int i = 0; i < opt.conns; i++) {
         for (int d = 0; d < opt.depth && st.issued_total < opt.max_requests; d++)
-            conn_issue(&conns[i], t0);
+            conn_issue(&conns[i], w.t0);
         conn_flush(&conns[i]);
     }
-
-    struct epoll_event events[MAX_EVENTS];
-    uint64_t now = t0;
-    uint64_t last_scan = t0;
-    for (;;) {
-        now = now_ns();
-        if (window_tick(now, warm_end, end, &m_start))
-            break;
-        check_stall(now);
-        if (now - last_scan > 100000000ull) {
-            check_conns_stall(conns, now);
-            last_scan = now;
-        }
-        int n = epoll_wait(ep, events, MAX_EVENTS, epoll_timeout_ms(now, st.measuring ? end : warm_end));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            die(1, "epoll_wait: %s", strerror(errno));
-        }
-        for (int i = 0; i < n; i++) {
-            conn_t *c = events[i].data.ptr;
-            uint32_t e = events[i].events;
-            if (e & EPOLLOUT)
-                conn_flush(c);
-            if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
-                conn_readable(c, e);
-        }
-    }
-    now = now_ns();
-    st.stopping = 1;
-    marker("stop");
-    double seconds = st.measuring ? (double)(now - m_start) / 1e9 : 0.0;
-    uint64_t reqs = st.measuring ? st.requests : 0;
-    int measuring = st.measuring;
-    st.measuring = 0;
-
-    /* Drain: issue nothing new and wait until every message still in flight
-     * has been echoed and verified, so no sent byte goes unchecked. */
-    while (st.completed < st.issued_total) {
-        now = now_ns();
-        check_conns_stall(conns, now);
-        int n = epoll_wait(ep, events, MAX_EVENTS, 100);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            die(1, "epoll_wait: %s", strerror(errno));
-        }
-        for (int i = 0; i < n; i++) {
-            conn_t *c = events[i].data.ptr;
-            uint32_t e = events[i].events;
-            if (e & EPOLLOUT)
-                conn_flush(c);
-            if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
-                conn_readable(c, e);
-        }
-    }
-    st.measuring = measuring;
+    run_mode_t mode = {ep, conns, conn_event, check_conns_stall};
+    double seconds;
+    uint64_t reqs;
+    run_loop(&mode, &w, &seconds, &reqs);
     print_result(opt.depth > 1 ? "pipeline" : "pingpong", reqs, seconds, reqs * (uint64_t)opt.size, NULL);
     for (int i = 0; i < opt.conns; i++)
         close(conns[i].fd);
@@ -649,8 +676,9 @@ static void slot_send(slot_t *s)
     }
 }
 
-static void slot_event(slot_t *s, uint32_t e)
+static void slot_event(void *ptr, uint32_t e)
 {
+    slot_t *s = ptr;
     if (s->state == SLOT_CONNECTING) {
         if (!(e & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
             return;
@@ -710,8 +738,9 @@ static void slot_event(slot_t *s, uint32_t e)
         slot_start(s);
 }
 
-static void check_slots_stall(slot_t *slots, uint64_t now)
+static void check_slots_stall(void *items, uint64_t now)
 {
+    slot_t *slots = items;
     uint64_t limit = (uint64_t)(opt.stall_timeout * 1e9);
     for (int i = 0; i < opt.conns; i++) {
         slot_t *s = &slots[i];
@@ -730,61 +759,16 @@ static void run_connect_rate(void)
     slot_t *slots = calloc((size_t)opt.conns, sizeof *slots);
     if (!slots)
         die(1, "out of memory");
-    uint64_t t0 = now_ns();
-    uint64_t warm_end = t0 + (uint64_t)(opt.warmup * 1e9);
-    uint64_t end = warm_end + (uint64_t)(opt.duration * 1e9);
-    uint64_t m_start = t0;
-    st.last_progress = t0;
-    if (opt.warmup <= 0) {
-        st.measuring = 1;
-        marker("start");
-    }
+    window_t w = window_begin();
     for (int i = 0; i < opt.conns; i++) {
         slots[i].id = (uint32_t)i;
         slots[i].fd = -1;
         slot_start(&slots[i]);
     }
-    struct epoll_event events[MAX_EVENTS];
-    uint64_t now;
-    uint64_t last_scan = t0;
-    for (;;) {
-        now = now_ns();
-        if (window_tick(now, warm_end, end, &m_start))
-            break;
-        check_stall(now);
-        if (now - last_scan > 100000000ull) {
-            check_slots_stall(slots, now);
-            last_scan = now;
-        }
-        int n = epoll_wait(cr_ep, events, MAX_EVENTS, epoll_timeout_ms(now, st.measuring ? end : warm_end));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            die(1, "epoll_wait: %s", strerror(errno));
-        }
-        for (int i = 0; i < n; i++)
-            slot_event(events[i].data.ptr, events[i].events);
-    }
-    now = now_ns();
-    st.stopping = 1;
-    marker("stop");
-    double seconds = st.measuring ? (double)(now - m_start) / 1e9 : 0.0;
-    uint64_t reqs = st.measuring ? st.requests : 0;
-    int measuring = st.measuring;
-    st.measuring = 0;
-    /* Drain: let the cycles in progress finish and verify their echoes. */
-    while (st.completed < st.issued_total) {
-        check_slots_stall(slots, now_ns());
-        int n = epoll_wait(cr_ep, events, MAX_EVENTS, 100);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            die(1, "epoll_wait: %s", strerror(errno));
-        }
-        for (int i = 0; i < n; i++)
-            slot_event(events[i].data.ptr, events[i].events);
-    }
-    st.measuring = measuring;
+    run_mode_t mode = {cr_ep, slots, slot_event, check_slots_stall};
+    double seconds;
+    uint64_t reqs;
+    run_loop(&mode, &w, &seconds, &reqs);
     char extra[96];
     snprintf(extra, sizeof extra, ",\"connections\":%" PRIu64 ",\"cps\":%.1f", reqs,
              seconds > 0 ? (double)reqs / seconds : 0.0);
