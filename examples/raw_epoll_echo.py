@@ -51,7 +51,12 @@ def serve(host: str, port: int, max_seconds: float = 0.0) -> None:
                     continue
                 if count == 0:
                     pending.pop(fd, None)
-                    _sys.close(fd)  # closing also removes it from the poller
+                    # Closing removes the fd from the kernel's set, but not
+                    # from the poller's own books (kqueue's remembers which
+                    # fds it watches for writes): a reused number would
+                    # inherit the stale entry.
+                    poller.forget(fd)
+                    _sys.close(fd)
                     continue
                 data = bytes(view[:count])
                 sent = _sys.send(fd, data) or 0

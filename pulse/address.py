@@ -1,8 +1,10 @@
-"""Parsing of listen and dial addresses.
+"""Addresses: the forms users write, parsing them, and opening listeners.
 
-Accepted forms: ``"host:port"``, ``":port"`` (host 127.0.0.1: a library opens
-every interface only when asked, with ``"0.0.0.0:port"`` or ``"[::]:port"``),
-``"[::1]:port"``, ``(host, port)``, a bare port number, and ``"unix:/path"``.
+Accepted forms (``AddressLike``): ``"host:port"``, ``":port"`` (host
+127.0.0.1: a library opens every interface only when asked, with
+``"0.0.0.0:port"`` or ``"[::]:port"``), ``"[::1]:port"``, ``(host, port)``, a
+bare port number, and ``"unix:/path"``.  What pulse reports back is an
+``Address``.
 """
 
 import errno
@@ -13,10 +15,17 @@ from typing import Any, Tuple, Union
 
 DEFAULT_HOST = "127.0.0.1"
 
-SockAddr = Union[Tuple[str, int], str]
+#: A socket address as pulse reports it (``Conn.local_address``,
+#: ``Conn.remote_address``, ``Server.listen``): ``(host, port)``, or the path
+#: of a Unix socket.
+Address = Union[Tuple[str, int], str]
+
+#: An address as users may write it to listen on or dial (see the module's
+#: docstring); ``parse_address`` turns it into an ``Address``.
+AddressLike = Union[str, Tuple[str, int], int]
 
 
-def parse_address(address: Any) -> Tuple[int, SockAddr]:
+def parse_address(address: AddressLike) -> Tuple[int, Address]:
     """Return ``(family, sockaddr)`` for ``address``, or raise ``ValueError``/``TypeError``."""
     if isinstance(address, tuple):
         if len(address) != 2:
@@ -40,12 +49,13 @@ def parse_address(address: Any) -> Tuple[int, SockAddr]:
         if end < 0 or not address[end + 1:].startswith(":"):
             raise ValueError("IPv6 address must look like '[::1]:port', got {!r}".format(address))
         return _inet(address[1:end], _port(address[end + 2:], address))
-    host, sep, port = address.rpartition(":")
+    host, sep, port_text = address.rpartition(":")
     if not sep:
         raise ValueError("address must be 'host:port' or ':port', got {!r}".format(address))
     if ":" in host:
-        raise ValueError("IPv6 hosts need brackets: '[{}]:{}', got {!r}".format(host, port, address))
-    return _inet(host or DEFAULT_HOST, _port(port, address))
+        raise ValueError("IPv6 hosts need brackets: '[{}]:{}', got {!r}".format(
+            host, port_text, address))
+    return _inet(host or DEFAULT_HOST, _port(port_text, address))
 
 
 def _port(value: Any, address: Any) -> int:
@@ -58,12 +68,12 @@ def _port(value: Any, address: Any) -> int:
     return port
 
 
-def _inet(host: str, port: int) -> Tuple[int, SockAddr]:
+def _inet(host: str, port: int) -> Tuple[int, Address]:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return family, (host, port)
 
 
-def format_address(sockaddr: SockAddr) -> str:
+def format_address(sockaddr: Address) -> str:
     """The printable form of a socket address (``host:port``, ``[v6]:port``, ``unix:/p``)."""
     if isinstance(sockaddr, str):
         return "unix:" + sockaddr
@@ -71,7 +81,8 @@ def format_address(sockaddr: SockAddr) -> str:
     return "[{}]:{}".format(host, port) if ":" in host else "{}:{}".format(host, port)
 
 
-def open_listener(address: Any, backlog: int = 1024, reuse_port: bool = False) -> socket.socket:
+def open_listener(address: AddressLike, backlog: int = 1024,
+                  reuse_port: bool = False) -> socket.socket:
     """Create a non-blocking listening socket; ``OSError`` names the address on failure."""
     family, sockaddr = parse_address(address)
     sock = socket.socket(family, socket.SOCK_STREAM)

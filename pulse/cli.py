@@ -3,20 +3,22 @@
 Also reachable as ``python -m pulse``.  It parses the flags, imports the
 application in this process (so that a broken import fails before any worker
 exists), picks up systemd's sockets, and hands everything to
-``pulse.launcher.serve``.  Every start-up failure ends with one line on
+``pulse.launch.serve``.  Every start-up failure ends with one line on
 stderr, ``pulse: error: ...``, and a non-zero exit status (2 for a bad flag,
 1 for the rest), the way operators expect from gunicorn or nginx.
 """
 
 import argparse
+import functools
 import logging
 import os
 import sys
 import traceback
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, NoReturn, Optional, Sequence
 
 from . import __version__
-from .launcher import LaunchError, load_target, serve, systemd_listen_fds
+from .launch import LaunchError, load_target, serve, systemd_listen_fds
+from .options import FIELDS, Field, check_seconds
 
 #: Where to listen when neither --bind, --fd nor systemd says (gunicorn's default).
 DEFAULT_BIND = "127.0.0.1:8000"
@@ -25,21 +27,27 @@ DEFAULT_BIND = "127.0.0.1:8000"
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
-#: The ``Server`` options the command line passes on, by their keyword names.
-#: ``reuse_port`` and ``shutdown_timeout`` are the launcher's own flags
-#: (``--reuse-port``, ``--graceful-timeout``).
-SERVER_OPTIONS = (
-    "trigger", "task_type", "pool_size", "read_buffer_size", "max_events",
-    "max_reads_per_event", "backlog", "tcp_nodelay", "tcp_keepalive", "zero_copy",
-    "write_buffer_high_water", "write_buffer_low_water", "write_buffer_limit",
-    "idle_timeout", "log_level", "backend",
-)
+#: The level ``--log-level`` sets when not given (the workers' and the supervisor's).
+DEFAULT_LOG_LEVEL = "info"
+
+#: The ``pulse.Options`` fields that are "server options" flags, and
+#: (``SERVER_OPTIONS``) the keyword names they are passed on as: every field
+#: but those the launcher has flags of its own for (``reuse_port``:
+#: ``--reuse-port``; ``shutdown_timeout``: ``--graceful-timeout``).
+SERVER_FIELDS = tuple(field for field in FIELDS if field.cli)
+SERVER_OPTIONS = tuple(field.name for field in SERVER_FIELDS)
+
+
+def backend_choices() -> List[str]:
+    """The ``--backend`` choices: every registered backend, in order of preference."""
+    from ._sys import backend_names
+    return list(backend_names())
 
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line: ``pulse serve: error: ...``."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, "{}: error: {} (see '{} --help')\n".format(self.prog, message, self.prog))
 
 
@@ -55,24 +63,24 @@ def _workers(text: str) -> str:
     return str(value)
 
 
-def _positive_seconds(text: str) -> float:
+def _to_seconds(text: str, positive: bool) -> float:
+    """``text`` as seconds by ``check_seconds``, the rule of every duration in pulse."""
     try:
-        value = float(text)
+        value: Any = float(text)
     except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be a number of seconds > 0, got {!r}".format(text))
-    return value
+        value = text  # not a number: check_seconds says so
+    try:
+        return check_seconds("the value", value, positive=positive)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_seconds(text: str) -> float:
+    return _to_seconds(text, positive=True)
 
 
 def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError("must be a number of seconds >= 0, got {!r}".format(text))
-    return value
+    return _to_seconds(text, positive=False)
 
 
 def _fd(text: str) -> int:
@@ -96,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "returning one) with reactor processes that share the listening port. "
                     "SIGTERM/SIGINT stop gracefully, SIGHUP replaces the workers one at a "
                     "time, SIGQUIT stops at once.")
+    serve_cmd.set_defaults(serve_parser=serve_cmd)  # its errors say "pulse serve: error"
     serve_cmd.add_argument("app", metavar="MODULE:ATTR",
                            help="what to serve, e.g. myapp:Echo or myapp:make_handler")
     where = serve_cmd.add_argument_group("listening and processes")
@@ -120,41 +129,73 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--app-dir", default=".", metavar="DIR",
                        help="directory put first on sys.path to import MODULE from "
                             "(default: the current directory)")
+    tls = serve_cmd.add_argument_group(
+        "TLS", "serve TLS on every listener; SIGHUP reloads the files (renewed certificates)")
+    tls.add_argument("--certfile", metavar="FILE",
+                     help="PEM certificate chain (and the private key, unless --keyfile)")
+    tls.add_argument("--keyfile", metavar="FILE", help="PEM private key (unencrypted)")
+    tls.add_argument("--ca-certs", metavar="FILE",
+                     help="PEM CA certificates that client certificates are checked against")
+    tls.add_argument("--require-client-cert", action="store_true",
+                     help="mutual TLS: refuse clients without a certificate signed by "
+                          "--ca-certs")
+    tls.add_argument("--alpn", metavar="PROTOCOLS",
+                     help="ALPN protocols offered, in order of preference, e.g. h2,http/1.1")
     opts = serve_cmd.add_argument_group("server options (see pulse.Options)")
-    opts.add_argument("--trigger", choices=["edge", "level"], help="epoll/kqueue trigger mode")
-    opts.add_argument("--task-type", choices=["loop", "pool", "thread"],
-                      help="where callbacks run: the loop, a thread pool, a thread each")
-    opts.add_argument("--pool-size", type=int, metavar="N", help="threads in pool mode")
-    opts.add_argument("--read-buffer-size", type=int, metavar="BYTES", help="bytes per read")
-    opts.add_argument("--max-events", type=int, metavar="N", help="events per poll")
-    opts.add_argument("--max-reads-per-event", type=int, metavar="N",
-                      help="reads of one socket per poll round")
-    opts.add_argument("--backlog", type=int, metavar="N", help="listen backlog")
-    opts.add_argument("--tcp-nodelay", action=argparse.BooleanOptionalAction, default=None,
-                      help="TCP_NODELAY on accepted sockets (default: on)")
-    opts.add_argument("--tcp-keepalive", action=argparse.BooleanOptionalAction, default=None,
-                      help="SO_KEEPALIVE on accepted sockets (default: off)")
-    opts.add_argument("--zero-copy", action=argparse.BooleanOptionalAction, default=None,
-                      help="on_data gets a memoryview valid during the call (loop mode)")
-    opts.add_argument("--write-buffer-high-water", type=int, metavar="BYTES",
-                      help="stop reading a connection whose write backlog passes this")
-    opts.add_argument("--write-buffer-low-water", type=int, metavar="BYTES",
-                      help="resume reading once the backlog falls below this")
-    opts.add_argument("--write-buffer-limit", type=int, metavar="BYTES",
-                      help="close a connection whose backlog passes this (0: no cap)")
-    opts.add_argument("--idle-timeout", type=_positive_seconds, metavar="S",
-                      help="close connections idle this long")
-    opts.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info",
-                      help="log level of the supervisor and the workers (default: info)")
-    opts.add_argument("--backend", choices=["epoll", "kqueue", "portable"],
-                      help="syscall backend (default: this OS's native one)")
+    for field in SERVER_FIELDS:
+        opts.add_argument("--" + field.name.replace("_", "-"), **_flag(field))
     return parser
+
+
+def _flag(field: Field[Any]) -> Dict[str, Any]:
+    """The ``add_argument`` keywords of the flag for an ``Options`` field.
+
+    A flag left out is not passed on (its default is ``None``), so
+    ``pulse.Options`` keeps the one default; ``--log-level`` alone has one of
+    its own, since it also sets the supervisor's logging.
+    """
+    if field.kind == "bool":
+        return {"action": argparse.BooleanOptionalAction, "default": None,
+                "help": "{} (default: {})".format(field.help, "on" if field.default else "off")}
+    if field.kind == "int":
+        return {"type": int, "metavar": field.metavar, "help": field.help}
+    if field.kind == "seconds":
+        return {"type": _positive_seconds if field.positive else _seconds,
+                "metavar": field.metavar, "help": field.help}
+    if field.kind == "choice":
+        return {"choices": field.choices, "help": field.help}
+    if field.kind == "backend":
+        return {"choices": backend_choices(), "help": field.help}
+    if field.kind == "log_level":
+        return {"type": str.lower, "choices": LOG_LEVELS, "default": DEFAULT_LOG_LEVEL,
+                "help": "log level of the supervisor and the workers (default: %(default)s)"}
+    raise ValueError("no command-line flag for option kind {!r} ({})".format(
+        field.kind, field.name))
 
 
 def server_options(args: argparse.Namespace) -> Dict[str, Any]:
     """The ``Server`` keyword options given on the command line (unset ones omitted)."""
     return {name: getattr(args, name) for name in SERVER_OPTIONS
             if getattr(args, name, None) is not None}
+
+
+def tls_factory(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """What ``--certfile`` and company ask for: a function building the
+    ``SSLContext`` (called at start and again on SIGHUP), or ``None``."""
+    if args.certfile is None:
+        for flag in ("keyfile", "ca_certs", "require_client_cert", "alpn"):
+            if getattr(args, flag):
+                parser.error("--{} needs --certfile".format(flag.replace("_", "-")))
+        return None
+    if args.require_client_cert and not args.ca_certs:
+        parser.error("--require-client-cert needs --ca-certs")
+    from .tlsconfig import parse_alpn, server_context
+    try:
+        alpn = parse_alpn(args.alpn)
+    except ValueError as exc:
+        parser.error("--alpn: {}".format(exc))
+    return functools.partial(server_context, args.certfile, args.keyfile, ca_certs=args.ca_certs,
+                             require_client_cert=args.require_client_cert, alpn=alpn)
 
 
 def _message(exc: BaseException) -> str:
@@ -172,6 +213,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    ssl = tls_factory(args.serve_parser, args)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s [%(process)d] %(levelname)s %(message)s")
     try:
@@ -183,7 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         target = load_target(args.app)
         serve(target, addresses, workers=args.workers, fds=fds,
               graceful_timeout=args.graceful_timeout, stats_interval=args.stats_interval,
-              reuse_port=args.reuse_port, **server_options(args))
+              reuse_port=args.reuse_port, ssl=ssl, **server_options(args))
     except (LaunchError, OSError, ValueError, TypeError) as exc:
         if args.log_level == "debug":
             traceback.print_exc()

@@ -1,7 +1,7 @@
 """The multi-process launcher and the ``pulse serve`` command line, run as real programs.
 
 Each test starts ``python -m pulse serve`` (or a script calling
-``pulse.launcher.serve``) in a subprocess, talks to it over 127.0.0.1 with
+``pulse.launch.serve``) in a subprocess, talks to it over 127.0.0.1 with
 plain sockets, signals it like an operator would, and checks that no process
 is left behind.  Every wait is bounded in time.
 """
@@ -20,7 +20,7 @@ from typing import Dict, Iterator, List, Optional, Set
 import psutil
 import pytest
 
-from pulse import Options, launcher
+from pulse import Options, launch as launcher
 from pulse.cli import SERVER_OPTIONS, build_parser
 from support import free_port
 
@@ -167,7 +167,8 @@ class Launched:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError("did not exit within {} s:\n{}".format(timeout, self.log()))
+            raise AssertionError("did not exit within {} s:\n{}".format(
+                timeout, self.log())) from None
 
     def __enter__(self) -> "Launched":
         return self
@@ -477,12 +478,12 @@ def test_programmatic_serve_with_a_lambda_factory(app_dir: Path) -> None:
     port = free_port()
     script = textwrap.dedent("""
         import os
-        import pulse, pulse.launcher
+        import pulse, pulse.launch
 
         def greet(conn):
             conn.write(b"%d\\n" % os.getpid())
 
-        pulse.launcher.serve(
+        pulse.launch.serve(
             lambda: pulse.callbacks(on_open=greet, on_data=lambda c, d: c.write(d)),
             ("127.0.0.1", {port}), workers=2, graceful_timeout=5)
     """).format(port=port)
@@ -654,3 +655,19 @@ def test_cli_has_a_flag_for_every_server_option() -> None:
     args = build_parser().parse_args(["serve", "m:a"])
     for name in SERVER_OPTIONS:
         assert hasattr(args, name)
+
+
+@pytest.mark.parametrize("flag,value,words", [
+    ("--graceful-timeout", "-1", ">= 0 seconds"),
+    ("--graceful-timeout", "inf", "finite"),
+    ("--graceful-timeout", "nan", ">= 0 seconds"),
+    ("--stats-interval", "0", "> 0 seconds"),
+    ("--idle-timeout", "soon", "a number of seconds"),
+])
+def test_cli_durations_follow_check_seconds(flag: str, value: str, words: str,
+                                            capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["serve", "m:a", flag, value])
+    assert info.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert "argument {}:".format(flag) in line and words in line

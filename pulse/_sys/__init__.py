@@ -1,8 +1,9 @@
-"""The low level: one backend module per OS, chosen at import or per loop.
+"""The low level: one backend module per OS, chosen in one place.
 
 ``pulse._sys`` is public for people who experiment with syscalls.  It
-re-exports the default backend for this platform, so ``from pulse._sys import
-Poller, Waker, recv_into, send`` works everywhere:
+re-exports the default backend for this machine, so ``from pulse._sys import
+Poller, Waker, recv_into, send`` works everywhere.  The backends, all
+registered in ``registry.py`` and all following ``contract.py``:
 
 - ``linux`` (``"epoll"``): epoll + eventfd over the compiled cffi module;
 - ``darwin`` (``"kqueue"``): kqueue + EVFILT_USER over the compiled module;
@@ -11,78 +12,44 @@ Poller, Waker, recv_into, send`` works everywhere:
   anywhere for comparison.
 
 The environment variable ``PULSE_BACKEND`` (or the ``backend=`` option of
-``Server``) forces one; ``BACKEND`` names the default.
+``Server``) forces one; ``BACKEND`` names the default.  Nothing is imported
+until a backend is first used, so ``import pulse._sys`` never fails: without
+the compiled module the default is the portable backend (one warning says
+why), and naming a compiled backend raises ``BackendUnavailableError``.
 
-Record flags reported by ``Poller.poll_read`` for each ``(fd, flags, offset,
-length)`` record are in ``flags``: ``READ`` (bytes in the arena at
-offset/length), ``EOF``, ``ERROR`` (length is ``-errno``), ``WRITABLE``,
-``MORE`` (the read cap was reached; edge mode must read again), ``SPECIAL`` (a
-listener or waker, reported not read), ``UNREAD`` (the arena was full), ``HUP``.
+The record flags of ``Poller.poll_read``'s ``(fd, flags, offset, length)``
+records are in ``flags`` (one table for every backend and the C helpers).
 """
 
-import importlib
-import os
-import sys
 from types import ModuleType
-from typing import Optional
+from typing import Any
 
-from .flags import EOF, ERROR, HUP, MORE, READ, SPECIAL, UNREAD, WRITABLE  # noqa: F401
+from .flags import (DIRECT_FDS, EOF, ERROR, HUP, MORE, READ, READY,  # noqa: F401
+                    SPECIAL, UNREAD, WRITABLE)
+from .registry import (BACKENDS, BackendInfo, BackendUnavailableError,  # noqa: F401
+                       available, backend_names, check_backend_name, load, native_backend)
 
-#: Backend names and the module that implements each.
-BACKENDS = {"epoll": "linux", "kqueue": "darwin", "portable": "portable"}
-
-
-def native_backend() -> Optional[str]:
-    """The native backend of this platform, or None when it has none."""
-    if sys.platform.startswith("linux"):
-        return "epoll"
-    if sys.platform == "darwin" or "bsd" in sys.platform or sys.platform.startswith("dragonfly"):
-        return "kqueue"
-    return None
-
-
-def check_backend_name(name: str) -> str:
-    """Return ``name`` if it is a backend usable here, else raise ``ValueError``."""
-    if name not in BACKENDS:
-        raise ValueError("backend must be one of {}, got {!r}".format(
-            ", ".join(sorted(BACKENDS)), name))
-    native = native_backend()
-    if name != "portable" and name != native:
-        raise ValueError("backend {!r} is not available on {} (use {})".format(
-            name, sys.platform, "{!r} or 'portable'".format(native) if native else "'portable'"))
-    return name
+#: Names re-exported from the default backend on first access.
+_REEXPORTED = frozenset((
+    "Poller", "Waker", "ReadArena", "WriteBatch", "accept_batch", "close", "getsockopt_int",
+    "recv", "recv_into", "send", "setsockopt_int", "shutdown", "sockaddr", "writev",
+    "SHUT_RD", "SHUT_WR", "SHUT_RDWR", "CAPABILITIES",
+    "EPOLLERR", "EPOLLET", "EPOLLHUP", "EPOLLIN", "EPOLLONESHOT", "EPOLLOUT", "EPOLLRDHUP",
+))
 
 
-def load(name: Optional[str] = None) -> ModuleType:
-    """The backend module for ``name`` (default: ``PULSE_BACKEND`` or the native one)."""
-    if name is None:
-        name = os.environ.get("PULSE_BACKEND")
-        if name:
-            try:
-                check_backend_name(name)
-            except ValueError as exc:
-                raise ValueError("PULSE_BACKEND: {}".format(exc)) from None
-        name = name or native_backend() or "portable"
-    check_backend_name(name)
-    return importlib.import_module("." + BACKENDS[name], __name__)
-
-
-backend = load()
-BACKEND: str = backend.NAME
-Poller = backend.Poller
-Waker = backend.Waker
-ReadArena = backend.ReadArena
-WriteBatch = backend.WriteBatch
-accept_batch = backend.accept_batch
-close = backend.close
-getsockopt_int = backend.getsockopt_int
-recv = backend.recv
-recv_into = backend.recv_into
-send = backend.send
-setsockopt_int = backend.setsockopt_int
-shutdown = backend.shutdown
-sockaddr = backend.sockaddr
-writev = backend.writev
-if BACKEND == "epoll":
-    from .linux import (EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLONESHOT,  # noqa: F401
-                        EPOLLOUT, EPOLLRDHUP)
+def __getattr__(name: str) -> Any:
+    # PEP 562: ``backend`` and ``BACKEND`` load the default backend the first
+    # time they (or one of its names) are asked for, not at import.
+    if name == "backend":
+        module: ModuleType = load()
+        globals()["backend"] = module
+        return module
+    if name == "BACKEND":
+        return __getattr__("backend").NAME
+    if name in _REEXPORTED:
+        try:
+            return getattr(__getattr__("backend"), name)
+        except AttributeError:
+            pass  # an epoll constant asked of another backend
+    raise AttributeError("module {!r} has no attribute {!r}".format(__name__, name))

@@ -1,4 +1,4 @@
-"""Socket calls shared by every backend, over the compiled cffi module.
+"""What the compiled backends share: socket calls, the arena, the batch, the poller base.
 
 Each wrapper follows one pattern (the one asyncio's selector_events uses
 around every syscall): retry on EINTR, report EAGAIN by returning ``None``,
@@ -12,7 +12,8 @@ import socket
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from ._pulse_ffi import ffi, lib
-from .addresses import parse_sockaddr  # noqa: F401  (re-exported)
+from .contract import DIRECT_READS, check_max_events, registration_error
+from .raw_sockaddr import parse_sockaddr  # noqa: F401  (re-exported)
 from .flags import DIRECT_FDS, EOF, ERROR, HUP, MORE, READ, READY, SPECIAL, UNREAD, WRITABLE
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -20,9 +21,13 @@ Buffer = Union[bytes, bytearray, memoryview]
 # The C helpers and the portable backend must agree on the record flags.
 assert (READ, EOF, ERROR, WRITABLE, MORE, SPECIAL, UNREAD, HUP, READY) == (
     lib.PULSE_READ, lib.PULSE_EOF, lib.PULSE_ERROR, lib.PULSE_WRITABLE, lib.PULSE_MORE,
-    lib.PULSE_SPECIAL, lib.PULSE_UNREAD, lib.PULSE_HUP, lib.PULSE_READY), "build_ffi.py and flags.py disagree"
+    lib.PULSE_SPECIAL, lib.PULSE_UNREAD, lib.PULSE_HUP, lib.PULSE_READY), \
+    "csrc/pulse.h and flags.py disagree"
 
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
+
+#: What the compiled backends implement beyond the contract's minimum.
+CAPABILITIES = frozenset((DIRECT_READS,))
 
 
 def raise_errno(code: int, what: str = "") -> None:
@@ -80,7 +85,17 @@ def writev(fd: int, buffers: Sequence[Buffer]) -> Optional[int]:
         keep.append(cdata)
         iov[i].iov_base = cdata
         iov[i].iov_len = len(data)
-    return _result(lib.pulse_writev(fd, iov, count), "writev")
+    got = lib.pulse_writev(fd, iov, count)
+    # Drop the exports before _result can raise: the OSError's traceback
+    # keeps this frame, and a Conn keeps the OSError (it goes to on_close),
+    # so the from_buffer exports would end up in a reference cycle with the
+    # memoryviews they export from.  The garbage collector cannot clear a
+    # memoryview that still has exports ("memoryview has 1 exported
+    # buffer") and CPython then crashes in the collection (seen as a
+    # segfault at exit in pool mode when hogs reset their connections).
+    keep.clear()
+    cdata = None
+    return _result(got, "writev")
 
 
 def close(fd: int) -> None:
@@ -114,40 +129,59 @@ def getsockopt_int(fd: int, level: int, name: int) -> int:
 
 
 def sockaddr(fd: int, peer: bool) -> Union[Tuple[str, int], str]:
-    """The socket's local or peer address: ``(host, port)`` or a Unix path."""
+    """The socket's local or peer address: ``(host, port)`` (an IPv6 scope id as
+    ``%zone``) or a Unix path or abstract name, in ``raw_sockaddr``'s forms."""
     host = ffi.new("char[]", 256)
     port = ffi.new("int *")
-    family = lib.pulse_sockaddr(fd, 1 if peer else 0, host, 256, port)
+    used = ffi.new("int *")
+    family = lib.pulse_sockaddr(fd, 1 if peer else 0, host, 256, port, used)
     if family < 0:
         raise_errno(-family, "getpeername" if peer else "getsockname")
-    text = ffi.string(host).decode("utf-8", "surrogateescape")
+    # By length, not up to a NUL: an abstract Unix name starts with one.
+    text = ffi.unpack(host, used[0]).decode("utf-8", "surrogateescape")
     if family in (socket.AF_INET, socket.AF_INET6):
         return (text, int(port[0]))
     return text
 
 
 def accept_batch(listen_fd: int, poller: Any, nodelay: bool, edge: bool,
-                 maximum: int = 64) -> List[Tuple[int, bytes]]:
+                 maximum: int = 64,
+                 errors: Optional[List[OSError]] = None) -> List[Tuple[int, bytes]]:
     """Accept up to ``maximum`` connections and register each for reading.
 
     Each new fd is non-blocking and close-on-exec, has TCP_NODELAY when asked,
     and is already watched for reads by ``poller`` (a ``Poller`` or its fd).
     Returns ``(fd, raw_peer_address)`` pairs (empty on EAGAIN); the raw
-    address goes to ``parse_sockaddr``.  Raises ``OSError`` when the first
-    accept fails (``EMFILE`` and ``ENFILE`` among them).
+    address, as long as the kernel said, goes to ``parse_sockaddr``.  Raises
+    ``OSError`` when the first accept fails (``EMFILE`` and ``ENFILE`` among
+    them).  An accepted socket that cannot be registered is closed (it would
+    never be read); when that happened and ``errors`` is a list, one
+    ``OSError`` is appended to it for the call, with the errno of the last
+    such failure and the number of connections closed in its message, so that
+    the caller can log what it cannot otherwise see.
     """
-    out = ffi.new("int[]", maximum)
-    addrs = ffi.new("char[]", maximum * ADDR_SIZE)
+    # One int array for the fds, the address lengths and the two drop counters,
+    # and an address area left uncleared (C fills each slot before Python reads
+    # its first lens[i] bytes): a call that accepts nothing, the common case
+    # in a burst, costs two allocations, as before the lengths were kept.
+    ints = ffi.new("int[]", 2 * maximum + 2)
+    addrs = _uncleared("char[]", maximum * ADDR_SIZE)
+    drops = 2 * maximum
     poll_fd = poller if isinstance(poller, int) else poller.fileno()
-    count = lib.pulse_accept_batch(listen_fd, poll_fd, 1 if nodelay else 0,
-                                   1 if edge else 0, out, maximum, addrs)
+    count = lib.pulse_accept_batch(listen_fd, poll_fd, 1 if nodelay else 0, 1 if edge else 0,
+                                   ints, maximum, addrs, ints + maximum, ints + drops)
+    # Before a raise: sockets closed earlier in this call are news either way.
+    if ints[drops] and errors is not None:
+        errors.append(registration_error(ints[drops], ints[drops + 1]))
     if count < 0:
         raise_errno(-count, "accept")
     raw = ffi.buffer(addrs, count * ADDR_SIZE)[:]
-    return [(out[i], raw[i * ADDR_SIZE:(i + 1) * ADDR_SIZE]) for i in range(count)]
+    return [(ints[i], raw[i * ADDR_SIZE:i * ADDR_SIZE + ints[maximum + i]])
+            for i in range(count)]
 
 
 ADDR_SIZE = lib.PULSE_ADDR_SIZE
+_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 
 
 class ReadArena:
@@ -170,15 +204,15 @@ class ReadArena:
         self.ccarry = ffi.new("int[]", max_records)
         self.ndirect = DIRECT_FDS
         self.cdirect = ffi.new("unsigned char[]", DIRECT_FDS)
-        self.direct = memoryview(ffi.buffer(self.cdirect))
+        self.direct: Optional[memoryview] = memoryview(ffi.buffer(self.cdirect))
 
 
 class WriteBatch:
     """Writes of one loop iteration, sent together by one C call.
 
-    Small writes are copied into a reused arena; large ones are passed by
-    pointer (kept alive here until sent).  ``items`` holds ``(fd, offset,
-    length)`` triples, a negative offset naming ``pointers[-offset - 1]``.
+    Writes are copied into a reused arena (large ones are sent at once by
+    the loop instead).  ``items`` holds ``(fd, offset, length)`` triples,
+    ``offset`` a position in ``arena``.
     """
 
     def __init__(self, size: int, max_items: int) -> None:
@@ -190,21 +224,61 @@ class WriteBatch:
         self.items = memoryview(ffi.buffer(self.citems)).cast("i")
         self.cresults = ffi.new("int[]", max_items)
         self.results = memoryview(ffi.buffer(self.cresults)).cast("i")
-        self.max_pointers = 256
-        self.cpointers = ffi.new("char *[]", self.max_pointers)
-        self.keep: List[object] = []
-
-    def pointer(self, data: Buffer) -> int:
-        """Register a large buffer; return its (negative) offset code."""
-        index = len(self.keep)
-        cdata = ffi.from_buffer(data)
-        self.keep.append(cdata)
-        self.cpointers[index] = cdata
-        return -index - 1
 
     def send(self, count: int) -> int:
         """Send ``count`` items; results land in ``results``; returns how many were short."""
-        incomplete = lib.pulse_send_batch(self.citems, count, self.carena,
-                                          self.cpointers, self.cresults)
-        self.keep.clear()
-        return incomplete
+        return lib.pulse_send_batch(self.citems, count, self.carena, self.cresults)
+
+
+class CompiledPoller:
+    """The part of the epoll and kqueue pollers that is the same: the poller
+    fd and its event array, ``poll_read`` (the C helper ``pulse_poll_read``
+    has one signature on both), ``forget`` and ``close``.
+
+    A subclass names its event type and wait call and creates the fd.
+    """
+
+    EVENT_TYPE = ""   # the cffi type of one event: "struct epoll_event", "struct kevent"
+    WAIT_CALL = ""    # the syscall named in errors
+
+    def __init__(self, max_events: int = 1024) -> None:
+        # Checked before the fd exists: a refused value leaks nothing.
+        self.max_events = check_max_events(max_events)
+        self._fd = self._create()
+        self._events = ffi.new(self.EVENT_TYPE + "[]", max_events)
+
+    def _create(self) -> int:
+        raise NotImplementedError
+
+    def fileno(self) -> int:
+        """The poller's file descriptor (-1 once closed)."""
+        return self._fd
+
+    def forget(self, fd: int) -> None:
+        """Drop bookkeeping for an fd about to be closed (closing it removes its events)."""
+
+    def poll_read(self, timeout_ms: int, arena: ReadArena, carry: Sequence[int],
+                  read_size: int, max_reads: int) -> int:
+        """Wait, then read every ready socket into ``arena``; number of records.
+
+        ``carry`` lists fds that still had data after the last call (edge
+        mode; ``~fd`` once the hang-up was seen); they are read first and the
+        wait does not block.
+        """
+        ncarry = len(carry)
+        ccarry = arena.ccarry
+        for i in range(ncarry):
+            ccarry[i] = carry[i]
+        count = lib.pulse_poll_read(self._fd, self._events, self.max_events, timeout_ms,
+                                    ccarry, ncarry, arena.cbuf, arena.size, read_size,
+                                    max_reads, arena.cdirect, arena.ndirect,
+                                    arena.crecords, arena.max_records)
+        if count < 0:
+            raise_errno(-count, self.WAIT_CALL)
+        return count
+
+    def close(self) -> None:
+        """Close the poller fd (idempotent)."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            close(fd)

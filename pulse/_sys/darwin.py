@@ -8,10 +8,12 @@ reactor, and ``poll_read``, the batched wait-and-read fast path.  Edge mode is
 """
 
 import errno
-from typing import List, Optional, Sequence, Tuple
+import threading
+from typing import TYPE_CHECKING, List, Optional, Set, Tuple
 
 from ._common import (  # noqa: F401  (re-exported: this module is the public API)
-    EOF, ERROR, HUP, MORE, READ, SPECIAL, UNREAD, WRITABLE, ReadArena, WriteBatch,
+    CAPABILITIES, EOF, ERROR, HUP, MORE, READ, SPECIAL, UNREAD, WRITABLE, CompiledPoller,
+    ReadArena, WriteBatch,
     accept_batch, close, getsockopt_int, raise_errno, recv, recv_into, send,
     setsockopt_int, shutdown, sockaddr, writev,
 )
@@ -35,7 +37,7 @@ SHUT_RDWR = lib.SHUT_RDWR
 WAKER_IDENT = 0x7FFFFFFF
 
 
-class Kqueue:
+class Kqueue(CompiledPoller):
     """A kqueue instance.
 
     ``register(fd, filter, flags)`` adds one filter (``EVFILT_READ`` or
@@ -43,20 +45,19 @@ class Kqueue:
     report rather than read.
     """
 
+    EVENT_TYPE = "struct kevent"
+    WAIT_CALL = "kevent"
+
     def __init__(self, max_events: int = 1024) -> None:
-        if max_events <= 0:
-            raise ValueError("max_events must be > 0, got {}".format(max_events))
+        super().__init__(max_events)
+        self._writing: Set[int] = set()  # fds with an EVFILT_WRITE filter installed
+        self._wakers: List["Waker"] = []  # closed before this kqueue's fd (closes_with)
+
+    def _create(self) -> int:
         fd = lib.kqueue()
         if fd < 0:
             raise_errno(lib.pulse_errno(), "kqueue")
-        self._fd = fd
-        self.max_events = max_events
-        self._events = ffi.new("struct kevent[]", max_events)
-        self._writing = set()  # fds with an EVFILT_WRITE filter installed
-
-    def fileno(self) -> int:
-        """The kqueue file descriptor."""
-        return self._fd
+        return fd
 
     def _ctl(self, fd: int, filt: int, flags: int, special: bool) -> None:
         if self._fd < 0:
@@ -125,6 +126,24 @@ class Kqueue:
         """Watch a listener fd (level-triggered, reported not read)."""
         self.register(fd, EVFILT_READ, 0, special=True)
 
+    def closes_with(self, waker: "Waker") -> None:
+        """Have ``close`` close ``waker`` first: it triggers its event on this
+        kqueue's fd from other threads, and the fd must not be given back to
+        the kernel while a trigger could still reach the number."""
+        self._wakers.append(waker)
+
+    def close(self) -> None:
+        """Close the kqueue (idempotent), after the wakers attached to it.
+
+        Whatever order the caller closes the two in (the loop closes its
+        poller first), a wake from another thread then finds its waker closed
+        instead of triggering a number the kernel may have reused.
+        """
+        wakers, self._wakers = self._wakers, []
+        for waker in wakers:
+            waker.close()
+        super().close()
+
     def poll(self, timeout: float = -1) -> List[Tuple[int, int]]:
         """Wait for events; ``(ident, filter)`` pairs.  ``timeout`` in seconds, -1 blocks."""
         tsp = ffi.NULL
@@ -142,27 +161,6 @@ class Kqueue:
         events = self._events
         return [(int(events[i].ident), int(events[i].filter)) for i in range(ready)]
 
-    def poll_read(self, timeout_ms: int, arena: ReadArena, carry: Sequence[int],
-                  read_size: int, max_reads: int) -> int:
-        """Wait, then read every ready socket into ``arena``; number of records."""
-        ncarry = len(carry)
-        ccarry = arena.ccarry
-        for i in range(ncarry):
-            ccarry[i] = carry[i]
-        count = lib.pulse_poll_read(self._fd, self._events, self.max_events, timeout_ms,
-                                    ccarry, ncarry, arena.cbuf, arena.size, read_size,
-                                    max_reads, arena.cdirect, arena.ndirect,
-                                    arena.crecords, arena.max_records)
-        if count < 0:
-            raise_errno(-count, "kevent")
-        return count
-
-    def close(self) -> None:
-        """Close the kqueue fd (idempotent)."""
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            close(fd)
-
 
 Poller = Kqueue
 
@@ -170,27 +168,53 @@ Poller = Kqueue
 class Waker:
     """An EVFILT_USER event that wakes the poller from another thread."""
 
+    #: The number poll records carry for the waker: an ident, not an fd.
+    ident = WAKER_IDENT
+
     def __init__(self) -> None:
         self._kq = -1
+        # As in linux.Waker, with the kqueue's fd as the number at risk: a
+        # trigger that read ``_kq`` just before the kqueue was closed would
+        # reach whatever reused the number (another loop's kqueue: a stray
+        # wake-up).  The lock makes "read the fd, trigger" and "forget the fd"
+        # exclusive, and Kqueue.close closes its wakers first; re-entrant for
+        # a signal handler that interrupts the main thread inside wake().
+        self._lock = threading.RLock()
 
     def fileno(self) -> int:
-        """The EVFILT_USER ident (not an fd)."""
-        return WAKER_IDENT
+        """-1: an EVFILT_USER event has no fd (``ident`` names it in poll records)."""
+        return -1
 
     def attach(self, poller: Kqueue) -> None:
-        """Install the user event on ``poller``."""
-        self._kq = poller.fileno()
-        if lib.pulse_kq_ctl(self._kq, WAKER_IDENT, EVFILT_USER, EV_ADD | EV_CLEAR, 1) < 0:
+        """Install the user event on ``poller`` (closing ``poller`` closes this waker)."""
+        kq = poller.fileno()
+        if lib.pulse_kq_ctl(kq, WAKER_IDENT, EVFILT_USER, EV_ADD | EV_CLEAR, 1) < 0:
             raise_errno(lib.pulse_errno(), "kevent(EVFILT_USER)")
+        with self._lock:
+            self._kq = kq
+        poller.closes_with(self)
 
     def wake(self) -> None:
-        """Make the next (or current) poll return; safe from any thread."""
-        if self._kq >= 0:
-            lib.pulse_kq_trigger(self._kq, WAKER_IDENT)
+        """Make the next (or current) poll return; safe from any thread or signal
+        handler, and a no-op once ``close`` began (never a trigger on a reused fd)."""
+        with self._lock:
+            kq = self._kq
+            if kq >= 0:
+                lib.pulse_kq_trigger(kq, WAKER_IDENT)
 
     def drain(self) -> None:
         """Nothing to reset: EV_CLEAR re-arms the user event."""
 
     def close(self) -> None:
-        """Forget the poller (the event goes with it)."""
-        self._kq = -1
+        """Forget the poller (idempotent; the event goes with the kqueue)."""
+        with self._lock:  # waits for a trigger in flight; later ones see -1
+            self._kq = -1
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    # For mypy: this module follows the backend contract (a missing or
+    # mistyped name fails the type check, not a server at run time).
+    from . import darwin as _this_module
+    from .contract import Backend
+
+    _contract_check: Backend = _this_module

@@ -11,14 +11,16 @@ EAGAIN returns ``None``, other errors raise ``OSError``.
 
 import errno
 import os
-from typing import List, Sequence, Tuple
+import threading
+from typing import TYPE_CHECKING, List, Set, Tuple
 
 from ._common import (  # noqa: F401  (re-exported: this module is the public API)
-    EOF, ERROR, HUP, MORE, READ, SPECIAL, UNREAD, WRITABLE, ReadArena, WriteBatch,
+    CAPABILITIES, EOF, ERROR, HUP, MORE, READ, SPECIAL, UNREAD, WRITABLE, CompiledPoller,
+    ReadArena, WriteBatch,
     accept_batch, close, getsockopt_int, raise_errno, recv, recv_into, send,
     setsockopt_int, shutdown, sockaddr, writev,
 )
-from ._pulse_ffi import ffi, lib
+from ._pulse_ffi import lib
 
 NAME = "epoll"
 
@@ -34,7 +36,7 @@ SHUT_WR = lib.SHUT_WR
 SHUT_RDWR = lib.SHUT_RDWR
 
 
-class Epoll:
+class Epoll(CompiledPoller):
     """An epoll instance.
 
     ``register``/``modify`` take an ``EPOLL*`` mask; ``special=True`` marks an
@@ -43,19 +45,18 @@ class Epoll:
     reads the same against kqueue.
     """
 
+    EVENT_TYPE = "struct epoll_event"
+    WAIT_CALL = "epoll_wait"
+
     def __init__(self, max_events: int = 1024) -> None:
-        if max_events <= 0:
-            raise ValueError("max_events must be > 0, got {}".format(max_events))
+        super().__init__(max_events)
+        self._idle: Set[int] = set()  # connection fds watched for nothing: out of the set
+
+    def _create(self) -> int:
         fd = lib.epoll_create1(lib.EPOLL_CLOEXEC)
         if fd < 0:
             raise_errno(lib.pulse_errno(), "epoll_create1")
-        self._fd = fd
-        self.max_events = max_events
-        self._events = ffi.new("struct epoll_event[]", max_events)
-
-    def fileno(self) -> int:
-        """The epoll file descriptor."""
-        return self._fd
+        return fd
 
     def _ctl(self, op: int, fd: int, events: int, special: bool) -> None:
         if self._fd < 0:
@@ -80,6 +81,11 @@ class Epoll:
             if code not in (errno.ENOENT, errno.EBADF):
                 raise_errno(code, "epoll_ctl(DEL, fd={})".format(fd))
 
+    def forget(self, fd: int) -> None:
+        """Drop what the poller keeps about an fd about to be closed (closing
+        the last reference removes it from the epoll set)."""
+        self._idle.discard(fd)
+
     def events_for(self, read: bool, write: bool, edge: bool) -> int:
         """The epoll mask for a connection that wants reads and/or writes."""
         # RDHUP only with reads: a level-triggered RDHUP stays raised after
@@ -95,8 +101,22 @@ class Epoll:
         return mask
 
     def watch(self, fd: int, read: bool, write: bool, edge: bool) -> None:
-        """Change what a registered connection fd is watched for."""
-        self.modify(fd, self.events_for(read, write, edge))
+        """Change what a registered connection fd is watched for.
+
+        Watched for nothing, the fd leaves the epoll set until it is watched
+        again: epoll reports EPOLLHUP whatever the mask, so a paused socket
+        whose both directions are shut would wake a level-triggered loop on
+        every poll.
+        """
+        if not read and not write:
+            if fd not in self._idle:
+                self._ctl(lib.EPOLL_CTL_DEL, fd, 0, False)
+                self._idle.add(fd)
+        elif fd in self._idle:
+            self._ctl(lib.EPOLL_CTL_ADD, fd, self.events_for(read, write, edge), False)
+            self._idle.discard(fd)
+        else:
+            self.modify(fd, self.events_for(read, write, edge))
 
     def add(self, fd: int, read: bool, write: bool, edge: bool) -> None:
         """Start watching a connection fd for reads and/or writes."""
@@ -127,45 +147,34 @@ class Epoll:
         events = self._events
         return [(events[i].data.u64 & 0xFFFFFFFF, events[i].events) for i in range(ready)]
 
-    def poll_read(self, timeout_ms: int, arena: ReadArena, carry: Sequence[int],
-                  read_size: int, max_reads: int) -> int:
-        """Wait, then read every ready socket into ``arena``; number of records.
-
-        ``carry`` lists fds that still had data after the last call (edge
-        mode); they are read first and the wait does not block.
-        """
-        ncarry = len(carry)
-        ccarry = arena.ccarry
-        for i in range(ncarry):
-            ccarry[i] = carry[i]
-        count = lib.pulse_poll_read(self._fd, self._events, self.max_events, timeout_ms,
-                                    ccarry, ncarry, arena.cbuf, arena.size, read_size,
-                                    max_reads, arena.cdirect, arena.ndirect,
-                                    arena.crecords, arena.max_records)
-        if count < 0:
-            raise_errno(-count, "epoll_wait")
-        return count
-
-    def close(self) -> None:
-        """Close the epoll fd (idempotent)."""
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            close(fd)
-
 
 Poller = Epoll
 
 
 class Waker:
-    """An eventfd that wakes the poller from another thread or a signal handler."""
+    """An eventfd that wakes the poller from another thread or a signal handler.
+
+    ``ident``, the number poll records carry for it, is its fd.
+    """
 
     def __init__(self) -> None:
         fd = lib.eventfd(0, lib.EFD_NONBLOCK | lib.EFD_CLOEXEC)
         if fd < 0:
             raise_errno(lib.pulse_errno(), "eventfd")
         self._fd = fd
+        self.ident = fd
         self._one = (1).to_bytes(8, "little")
         self._buf = bytearray(8)
+        # wake() runs on other threads while the loop's thread may be closing
+        # the eventfd, and the kernel hands a closed number out again at once
+        # (to a socket, a file): without the lock a wake that read the fd just
+        # before close() would write 8 bytes into whatever got the number.  The
+        # lock makes "read the fd, write to it" and "forget the fd" exclusive.
+        # Re-entrant because a signal handler runs on the main thread between
+        # two bytecodes, maybe while that thread holds the lock inside wake():
+        # a plain Lock would deadlock there, while re-entered the handler's
+        # wake sees the fd still open (its write is harmless) or -1.
+        self._lock = threading.RLock()
 
     def fileno(self) -> int:
         """The fd to register with the poller (``Poller.add_special``)."""
@@ -176,25 +185,38 @@ class Waker:
         poller.add_special(self._fd)
 
     def wake(self) -> None:
-        """Make the next (or current) poll return; safe from any thread or signal handler."""
+        """Make the next (or current) poll return; safe from any thread or signal
+        handler, and a no-op once ``close`` began (never a write to a reused fd)."""
+        with self._lock:
+            fd = self._fd
+            if fd >= 0:
+                try:
+                    os.write(fd, self._one)
+                except OSError:
+                    pass  # counter saturated: the loop is awake anyway
+
+    def drain(self) -> None:
+        """Reset the counter after the poller reported the waker (the loop's thread)."""
         fd = self._fd
         if fd >= 0:
             try:
-                os.write(fd, self._one)
-            except OSError:
-                pass  # counter saturated or closed: the loop is awake anyway
-
-    def drain(self) -> None:
-        """Reset the counter after the poller reported the waker."""
-        if self._fd >= 0:
-            try:
-                os.read(self._fd, 8)
+                os.read(fd, 8)
             except (BlockingIOError, InterruptedError):
                 pass
 
     def close(self) -> None:
-        """Close the eventfd (idempotent)."""
-        if self._fd >= 0:
+        """Close the eventfd (idempotent; the loop's thread, not a signal handler)."""
+        with self._lock:  # waits for a wake in flight; later ones see -1
             fd, self._fd = self._fd, -1
+        # Outside the lock: no wake can reach the number any more.
+        if fd >= 0:
             close(fd)
 
+
+if TYPE_CHECKING:  # pragma: no cover
+    # For mypy: this module follows the backend contract (a missing or
+    # mistyped name fails the type check, not a server at run time).
+    from . import linux as _this_module
+    from .contract import Backend
+
+    _contract_check: Backend = _this_module

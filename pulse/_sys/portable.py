@@ -22,29 +22,28 @@ and each event taken keep their slots), and on Windows ``select()`` takes at
 most 512 sockets per loop (CPython's FD_SETSIZE there); a server that needs
 more runs several worker processes.
 
-Sockets are plain fds, as elsewhere.  The socket module needs a
-``socket.socket`` object to call ``recv_into``/``send``, so each connection fd
-registered with a ``Poller`` (or accepted by ``accept_batch``) gets one cached
-wrapper, dropped with ``detach()`` -- never closed by the garbage collector --
-when the fd is forgotten, unregistered or closed through ``close()``.  Other
-fds get a temporary wrapper per call.  Measured here: a cached wrapper's
-``recv_into`` costs the same as ``os.readv`` on CPython, PyPy has no
-``os.readv`` at all, and a temporary wrapper doubles the cost of a call.
+The socket calls and the fd -> ``socket.socket`` cache they share with the
+poller live in ``_portable_io``.
 """
 
-import atexit
 import errno
 import os
 import selectors
 import socket
-import sys
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, List, Optional, Sequence, Tuple, Type, Union
 
-from .addresses import parse_sockaddr  # noqa: F401  (re-exported like the other backends)
+from ._portable_io import (  # noqa: F401  (re-exported: they are this backend's socket calls)
+    _NOSIGNAL, _PYPY, WriteBatch, _cache, _code, _pollers, _pollers_lock, _sockets, _uncache,
+    _wrap, accept_batch, close, getsockopt_int, parse_sockaddr, raise_errno, recv, recv_into,
+    send, setsockopt_int, shutdown, sockaddr, writev,
+)
+from .contract import check_max_events
 from .flags import EOF, ERROR, HUP, MORE, READ, SPECIAL, UNREAD, WRITABLE  # noqa: F401
 
 NAME = "portable"
+#: Reads always go through the arena: no ``DIRECT_READS`` (``ReadArena.direct`` is None).
+CAPABILITIES: FrozenSet[str] = frozenset()
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -54,19 +53,8 @@ SHUT_RD = socket.SHUT_RD
 SHUT_WR = socket.SHUT_WR
 SHUT_RDWR = socket.SHUT_RDWR
 
-_LINUX = sys.platform.startswith("linux")
-_PYPY = sys.implementation.name == "pypy"
-# PyPy's socket module lacks MSG_NOSIGNAL; the kernel does not: 0x4000 on Linux.
-_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0x4000 if _LINUX else 0)
-# macOS has no MSG_NOSIGNAL in older SDKs and Python does not export
-# SO_NOSIGPIPE: set it by number on accepted sockets, as the C backend does.
-_SO_NOSIGPIPE = getattr(socket, "SO_NOSIGPIPE", 0x1022 if sys.platform == "darwin" else 0)
-_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
-_HAS_SENDMSG = hasattr(socket.socket, "sendmsg")
 # Like the C helpers: a read stops when less than this much arena is left.
 _MIN_ROOM = 4096
-# Like pulse_send_batch: at most this many refusing fds are remembered per batch.
-_MAX_BLOCKED = 64
 
 #: Selector classes by name; ``PULSE_PORTABLE_SELECTOR`` (or ``Poller(selector=)``)
 #: picks one, e.g. ``select`` to exercise the Windows code path on Linux.
@@ -76,98 +64,6 @@ for _name, _attr in (("poll", "PollSelector"), ("epoll", "EpollSelector"),
                      ("kqueue", "KqueueSelector"), ("devpoll", "DevpollSelector")):
     if hasattr(selectors, _attr):
         SELECTORS[_name] = getattr(selectors, _attr)
-
-
-def raise_errno(code: int, what: str = "") -> None:
-    """Raise the ``OSError`` subclass for a positive errno ``code``."""
-    message = os.strerror(code)
-    if what:
-        message = "{}: {}".format(what, message)
-    raise OSError(code, message)
-
-
-def _code(exc: OSError) -> int:
-    """The errno of ``exc`` (EIO when the platform gave none)."""
-    return exc.errno or errno.EIO
-
-
-# -- socket wrappers ------------------------------------------------------
-
-#: fd -> the cached ``socket.socket`` of a connection fd (see the module notes).
-_sockets: Dict[int, socket.socket] = {}
-
-
-def _wrap(fd: int) -> socket.socket:
-    """A ``socket.socket`` over ``fd`` that leaves the fd's blocking mode as it was.
-
-    CPython's constructor leaves the fd alone when no default timeout is set;
-    PyPy's makes the fd blocking (and a default timeout makes it non-blocking
-    with an internal wait), so there the mode is read first and put back.
-    """
-    if fd < 0:
-        raise_errno(errno.EBADF, "fd {}".format(fd))
-    if not _PYPY and socket.getdefaulttimeout() is None:
-        return socket.socket(fileno=fd)
-    if os.name == "posix":
-        blocking = os.get_blocking(fd)
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(blocking)
-    else:
-        # Windows cannot query a socket's mode: never wait inside a call.
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
-    return sock
-
-
-def _cache(fd: int) -> socket.socket:
-    """The cached wrapper of a connection fd, made on first use."""
-    sock = _sockets.get(fd)
-    if sock is None:
-        sock = _sockets[fd] = _wrap(fd)
-    return sock
-
-
-def _uncache(fd: int) -> None:
-    """Drop the cached wrapper of ``fd`` without closing the fd."""
-    sock = _sockets.pop(fd, None)
-    if sock is not None:
-        sock.detach()
-
-
-@atexit.register
-def _detach_all() -> None:
-    # At exit the interpreter would finalize cached wrappers, closing fd
-    # numbers that a stale entry may no longer own.
-    while _sockets:
-        _sockets.popitem()[1].detach()
-
-
-class _Borrowed:
-    """``with _Borrowed(fd) as sock``: the cached wrapper, or a temporary one."""
-
-    __slots__ = ("fd", "temp")
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.temp: Optional[socket.socket] = None
-
-    def __enter__(self) -> socket.socket:
-        sock = _sockets.get(self.fd)
-        if sock is None:
-            sock = self.temp = _wrap(self.fd)
-        return sock
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.temp is not None:
-            self.temp.detach()
-
-
-# -- the poller -----------------------------------------------------------
-
-#: Live pollers, so that ``close(fd)`` removes the fd from each, as closing an
-#: fd removes it from an epoll or kqueue set.
-_pollers: Dict[int, "SelectorPoller"] = {}
-_pollers_lock = threading.Lock()
 
 
 class SelectorPoller:
@@ -181,8 +77,7 @@ class SelectorPoller:
     """
 
     def __init__(self, max_events: int = 1024, selector: Optional[str] = None) -> None:
-        if max_events <= 0:
-            raise ValueError("max_events must be > 0, got {}".format(max_events))
+        check_max_events(max_events)  # the compiled pollers' bound and wording
         name = selector or os.environ.get("PULSE_PORTABLE_SELECTOR") or "default"
         if name not in SELECTORS:
             raise ValueError("PULSE_PORTABLE_SELECTOR must be one of {}, got {!r}".format(
@@ -526,6 +421,14 @@ class Waker:
         self._reader: Optional[socket.socket] = reader
         self._writer: Optional[socket.socket] = writer
         self._fd = reader.fileno()
+        #: The number poll records carry for the waker: its read end's fd.
+        self.ident = self._fd
+        # As in linux.Waker: ``socket.send`` reads the object's fd with the
+        # GIL released, so a close() on the loop's thread meanwhile would let
+        # the byte land in whatever reused the number.  The lock makes "take
+        # the writer, send" and "forget the pair" exclusive; re-entrant for a
+        # signal handler that interrupts the main thread inside wake().
+        self._lock = threading.RLock()
 
     def fileno(self) -> int:
         """The fd to register with the poller (``Poller.add_special``)."""
@@ -536,13 +439,15 @@ class Waker:
         poller.add_special(self._fd)
 
     def wake(self) -> None:
-        """Make the next (or current) poll return; safe from any thread or signal handler."""
-        writer = self._writer
-        if writer is not None:
-            try:
-                writer.send(b"\0")
-            except OSError:
-                pass  # the pair is full (the loop is awake anyway) or closed
+        """Make the next (or current) poll return; safe from any thread or signal
+        handler, and a no-op once ``close`` began (never a write to a reused fd)."""
+        with self._lock:
+            writer = self._writer
+            if writer is not None:
+                try:
+                    writer.send(b"\0")
+                except OSError:
+                    pass  # the pair is full: the loop is awake anyway
 
     def drain(self) -> None:
         """Empty the pair after the poller reported it (bounded: wakes keep coming)."""
@@ -557,10 +462,11 @@ class Waker:
             pass  # empty (EAGAIN) or closed
 
     def close(self) -> None:
-        """Close both ends (idempotent); a later ``wake`` is a no-op."""
-        reader, writer = self._reader, self._writer
-        self._reader = self._writer = None
-        self._fd = -1
+        """Close both ends (idempotent; the loop's thread); a later ``wake`` is a no-op."""
+        with self._lock:  # waits for a wake in flight; later ones see None
+            reader, writer = self._reader, self._writer
+            self._reader = self._writer = None
+            self._fd = -1
         for sock in (writer, reader):
             if sock is not None:
                 sock.close()
@@ -582,281 +488,13 @@ class ReadArena:
         self.max_records = max_records
         self.data = memoryview(bytearray(size))
         self.records = memoryview(bytearray(16 * max_records)).cast("i")
+        self.direct: Optional[memoryview] = None
 
 
-class WriteBatch:
-    """Writes of one loop iteration, sent together by ``send``.
+if TYPE_CHECKING:  # pragma: no cover
+    # For mypy: this module follows the backend contract (a missing or
+    # mistyped name fails the type check, not a server at run time).
+    from . import portable as _this_module
+    from .contract import Backend
 
-    Small writes are copied into ``arena``; large ones are registered with
-    ``pointer`` and kept here until sent.  ``items`` holds ``(fd, offset,
-    length)`` triples, a negative offset naming ``pointers[-offset - 1]``.
-    """
-
-    def __init__(self, size: int, max_items: int) -> None:
-        self.size = size
-        self.max_items = max_items
-        self.arena = memoryview(bytearray(size))
-        self.items = memoryview(bytearray(12 * max_items)).cast("i")
-        self.results = memoryview(bytearray(4 * max_items)).cast("i")
-        self.max_pointers = 256
-        self.keep: List[memoryview] = []
-
-    def pointer(self, data: Buffer) -> int:
-        """Register a large buffer; return its (negative) offset code."""
-        if len(self.keep) >= self.max_pointers:
-            raise ValueError("more than {} pointers in one batch".format(self.max_pointers))
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        self.keep.append(view)
-        return -len(self.keep)
-
-    def send(self, count: int) -> int:
-        """Send ``count`` items; results land in ``results``; returns how many were short.
-
-        As ``pulse_send_batch``: ``results[i]`` is the bytes sent or -errno;
-        once a socket refuses bytes, later items of the same fd are skipped
-        (result 0) so the caller can queue them in order; past 64 refusing
-        fds the rest of the batch is reported unsent.
-        """
-        items = self.items
-        results = self.results
-        arena = self.arena
-        keep = self.keep
-        sockets = _sockets
-        flags = _NOSIGNAL
-        blocked: Optional[set] = None
-        incomplete = 0
-        for i in range(count):
-            k = 3 * i
-            fd = items[k]
-            if blocked is not None and fd in blocked:
-                results[i] = 0
-                incomplete += 1
-                continue
-            offset = items[k + 1]
-            length = items[k + 2]
-            view = arena[offset:offset + length] if offset >= 0 else keep[-offset - 1][:length]
-            done = 0
-            temp = None
-            try:
-                sock = sockets.get(fd)
-                if sock is None:
-                    sock = temp = _wrap(fd)
-                while done < length:
-                    sent = sock.send(view[done:] if done else view, flags)
-                    if sent <= 0:
-                        break
-                    done += sent
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError as exc:
-                done = -_code(exc)
-            finally:
-                if temp is not None:
-                    temp.detach()
-            results[i] = done
-            if done != length:
-                incomplete += 1
-                if blocked is None:
-                    blocked = set()
-                if len(blocked) < _MAX_BLOCKED:
-                    blocked.add(fd)
-                else:
-                    for j in range(i + 1, count):
-                        results[j] = 0
-                        incomplete += 1
-                    break
-        keep.clear()
-        return incomplete
-
-
-# -- socket calls ---------------------------------------------------------
-
-def recv_into(fd: int, buffer: Buffer, nbytes: int = 0) -> Optional[int]:
-    """Read into a writable buffer; bytes read, 0 at EOF, ``None`` on EAGAIN."""
-    try:
-        with _Borrowed(fd) as sock:
-            return sock.recv_into(buffer, nbytes or len(buffer))
-    except BlockingIOError:
-        return None
-    except OSError as exc:
-        raise_errno(_code(exc), "recv")
-    return None  # unreachable; keeps type checkers content
-
-
-def recv(fd: int, nbytes: int) -> Optional[bytes]:
-    """Read up to ``nbytes``; ``b""`` at EOF, ``None`` on EAGAIN."""
-    try:
-        with _Borrowed(fd) as sock:
-            return sock.recv(nbytes)
-    except BlockingIOError:
-        return None
-    except OSError as exc:
-        raise_errno(_code(exc), "recv")
-    return None
-
-
-def send(fd: int, data: Buffer) -> Optional[int]:
-    """Send without raising SIGPIPE; bytes sent, or ``None`` on EAGAIN."""
-    try:
-        with _Borrowed(fd) as sock:
-            return sock.send(data, _NOSIGNAL)
-    except BlockingIOError:
-        return None
-    except OSError as exc:
-        raise_errno(_code(exc), "send")
-    return None
-
-
-def writev(fd: int, buffers: Sequence[Buffer]) -> Optional[int]:
-    """Gather-write ``buffers`` in one call; bytes sent, or ``None`` on EAGAIN."""
-    try:
-        with _Borrowed(fd) as sock:
-            if _HAS_SENDMSG:
-                return sock.sendmsg(buffers, (), _NOSIGNAL)
-            return sock.send(b"".join(buffers))  # Windows: no sendmsg
-    except BlockingIOError:
-        return None
-    except OSError as exc:
-        raise_errno(_code(exc), "writev")
-    return None
-
-
-def close(fd: int) -> None:
-    """Close ``fd`` and forget it in every poller; EINTR is not retried."""
-    with _pollers_lock:
-        pollers = list(_pollers.values())
-    for poller in pollers:
-        if fd in poller._interest:
-            poller.unregister(fd)
-    sock = _sockets.pop(fd, None)
-    try:
-        if sock is not None:
-            sock.close()
-        else:
-            socket.close(fd)
-    except InterruptedError:
-        pass  # the fd is gone anyway (Linux), retrying could close a stranger's
-    except OSError as exc:
-        raise_errno(_code(exc), "close")
-
-
-def shutdown(fd: int, how: int) -> None:
-    """Shut down one or both directions (``SHUT_RD``, ``SHUT_WR``, ``SHUT_RDWR``)."""
-    try:
-        with _Borrowed(fd) as sock:
-            sock.shutdown(how)
-    except OSError as exc:
-        raise_errno(_code(exc), "shutdown")
-
-
-def setsockopt_int(fd: int, level: int, name: int, value: int) -> None:
-    """Set an integer socket option."""
-    try:
-        with _Borrowed(fd) as sock:
-            sock.setsockopt(level, name, value)
-    except OSError as exc:
-        raise_errno(_code(exc), "setsockopt")
-
-
-def getsockopt_int(fd: int, level: int, name: int) -> int:
-    """Read an integer socket option."""
-    try:
-        with _Borrowed(fd) as sock:
-            return sock.getsockopt(level, name)
-    except OSError as exc:
-        raise_errno(_code(exc), "getsockopt")
-    return 0
-
-
-def _format_address(address: Any) -> Union[Tuple[str, int], str]:
-    """A socket-module address as the C helper formats it: ``(host, port)`` or a path."""
-    if isinstance(address, tuple):
-        return (address[0], address[1])
-    if isinstance(address, bytes):
-        # A Linux abstract name: like the C helper, the text before the first NUL.
-        return address.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-    return address
-
-
-def sockaddr(fd: int, peer: bool) -> Union[Tuple[str, int], str]:
-    """The socket's local or peer address: ``(host, port)`` or a Unix path.
-
-    Always through a fresh wrapper: the address family comes from the kernel,
-    not from a cached object whose fd number might have been reused.
-    """
-    what = "getpeername" if peer else "getsockname"
-    sock = None
-    try:
-        sock = _wrap(fd)
-        address = sock.getpeername() if peer else sock.getsockname()
-    except OSError as exc:
-        raise_errno(_code(exc), what)
-    finally:
-        if sock is not None:
-            sock.detach()
-    return _format_address(address)
-
-
-def accept_batch(listen_fd: int, poller: Any, nodelay: bool, edge: bool,
-                 maximum: int = 64) -> List[Tuple[int, Any]]:
-    """Accept up to ``maximum`` connections and register each for reading.
-
-    Each new fd is non-blocking and close-on-exec, has TCP_NODELAY when asked
-    (best effort), and is already watched for reads by ``poller`` (a
-    ``Poller``, or its ``fileno()``).  Returns ``(fd, peer_address)`` pairs
-    (empty on EAGAIN); the socket module has already formatted the address,
-    ``(host, port)`` or a path, where the C backends hand back raw bytes for
-    ``parse_sockaddr``.  Raises ``OSError`` when the first accept fails
-    (``EMFILE`` and ``ENFILE`` among them).
-    """
-    if not isinstance(poller, SelectorPoller):
-        with _pollers_lock:
-            found = [p for p in _pollers.values() if p.fileno() == poller and poller >= 0]
-        if not found:
-            raise ValueError("accept_batch: no portable Poller with fileno {!r}".format(poller))
-        poller = found[0]
-    out: List[Tuple[int, Any]] = []
-    listener = None
-    try:
-        listener = _wrap(listen_fd)
-        family, kind, proto = listener.family, listener.type, listener.proto
-        while len(out) < maximum:
-            try:
-                fd, address = listener._accept()  # type: ignore[attr-defined]
-            except BlockingIOError:
-                break
-            except (InterruptedError, ConnectionAbortedError):
-                continue
-            except OSError as exc:
-                if out:
-                    break
-                raise_errno(_code(exc), "accept")
-            sock = socket.socket(family, kind, proto, fileno=fd)
-            try:
-                sock.setblocking(False)
-                if nodelay and family in _TCP_FAMILIES:
-                    try:
-                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    except OSError:
-                        pass
-                if _SO_NOSIGPIPE:
-                    try:
-                        sock.setsockopt(socket.SOL_SOCKET, _SO_NOSIGPIPE, 1)
-                    except OSError:
-                        pass
-                old = _sockets.get(fd)
-                if old is not None:
-                    old.detach()  # a stale wrapper: this number was closed behind our back
-                _sockets[fd] = sock
-                poller._apply(fd, EVENT_READ, False, fresh=True)
-            except (OSError, ValueError):
-                _sockets.pop(fd, None)
-                sock.close()
-                continue
-            out.append((fd, _format_address(address)))
-    finally:
-        if listener is not None:
-            listener.detach()
-    return out
+    _contract_check: Backend = _this_module

@@ -1,0 +1,116 @@
+"""The status pipe: how a new worker tells its supervisor it is accepting, or why it failed.
+
+Each worker gets the write end of its own pipe.  A message is one line: a
+kind byte (``StatusKind``), then for ``ERROR`` the text (UTF-8, newlines
+flattened).  The worker closes the pipe after ``READY``, so EOF before
+``READY`` means it died while booting.  ``StatusWriter`` is the worker's end
+and ``StatusReader`` the supervisor's; nothing else reads or writes the pipe.
+"""
+
+import contextlib
+import enum
+import os
+import threading
+from typing import List, NamedTuple, Tuple
+
+
+class StatusKind(enum.Enum):
+    """What a status line says."""
+
+    READY = b"R"  #: the worker is accepting connections
+    ERROR = b"E"  #: the worker failed to start; the text says why
+
+
+class StatusMessage(NamedTuple):
+    """One status line: its kind and, for ``ERROR``, the text."""
+
+    kind: StatusKind
+    text: str = ""
+
+
+def encode(message: StatusMessage) -> bytes:
+    """The line that carries ``message``."""
+    text = message.text.replace("\n", " ")
+    return message.kind.value + text.encode("utf-8", "replace") + b"\n"
+
+
+def parse(buffer: bytes) -> Tuple[List[StatusMessage], bytes]:
+    """The complete lines at the start of ``buffer`` as messages, and the rest
+    (a partial line); lines of no known kind are skipped."""
+    messages: List[StatusMessage] = []
+    while b"\n" in buffer:
+        line, _, buffer = buffer.partition(b"\n")
+        if line == StatusKind.READY.value:
+            messages.append(StatusMessage(StatusKind.READY))
+        elif line.startswith(StatusKind.ERROR.value):
+            messages.append(StatusMessage(StatusKind.ERROR, line[1:].decode("utf-8", "replace")))
+    return messages, buffer
+
+
+class StatusWriter:
+    """The worker's end of its status pipe; safe from any thread.
+
+    ``ready()`` sends ``READY`` once and closes the pipe; after that the
+    supervisor hears nothing more (``error()`` does nothing).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._ready = False
+
+    @property
+    def ready_sent(self) -> bool:
+        """True once ``READY`` went out."""
+        return self._ready
+
+    def error(self, text: str) -> None:
+        """Tell the supervisor why the worker failed to start."""
+        with self._lock:
+            self._send(StatusMessage(StatusKind.ERROR, text))
+
+    def ready(self) -> None:
+        """Tell the supervisor the worker is accepting, and close the pipe."""
+        with self._lock:
+            self._send(StatusMessage(StatusKind.READY))
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            self._ready = True
+
+    def _send(self, message: StatusMessage) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._fd, encode(message))
+
+
+class StatusReader:
+    """The supervisor's end of one worker's status pipe (non-blocking)."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self._buffer = b""
+
+    def read(self) -> Tuple[List[StatusMessage], bool]:
+        """The messages that arrived, and whether the pipe reached EOF (or
+        broke); reads until the pipe is empty."""
+        messages: List[StatusMessage] = []
+        while self.fd >= 0:
+            try:
+                chunk = os.read(self.fd, 4096)
+            except (BlockingIOError, InterruptedError):
+                return messages, False
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return messages, True
+            more, self._buffer = parse(self._buffer + chunk)
+            messages.extend(more)
+        return messages, True
+
+    def close(self) -> None:
+        """Close the pipe (again is harmless)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
