@@ -3,8 +3,11 @@
 Every accepted client gets its own upstream connection, dialed from inside
 the server's loop.  When either side cannot keep up (its write backlog passes
 the high-water mark) the proxy stops reading the other side until it drains,
-so a slow consumer anywhere keeps memory bounded.  Closing either side closes
-the other once what it sent has been forwarded.
+so a slow consumer anywhere keeps memory bounded.  A half-close is forwarded:
+when one side shuts down its write side (FIN), the proxy shuts down its
+writes to the other (``write_eof``) and keeps carrying the other direction;
+each connection closes by itself once both of its directions are done.  A
+side that closes or fails closes the other once what it sent is forwarded.
 
     python examples/proxy.py --port 8083 --upstream 127.0.0.1:6379 [--workers N]
 """
@@ -25,6 +28,12 @@ class Upstream(pulse.Handler):
     def on_data(self, conn: pulse.Conn, data: bytes) -> None:
         if not self.client.closed:
             self.client.write(data)
+
+    def on_eof(self, conn: pulse.Conn) -> bool:
+        # The upstream is done sending: so are we, towards the client.
+        if not self.client.closed:
+            self.client.write_eof()
+        return True  # keep forwarding the client's bytes to the upstream
 
     def on_close(self, conn: pulse.Conn, err: Optional[BaseException]) -> None:
         if err is not None and not conn.opened:
@@ -59,6 +68,12 @@ class Proxy(pulse.Handler):
         upstream = conn.session
         if not upstream.closed:
             upstream.write(data)  # queued until the connect completes
+
+    def on_eof(self, conn: pulse.Conn) -> bool:
+        # The client is done sending: pass its FIN on, keep the answer coming.
+        if not conn.session.closed:
+            conn.session.write_eof()  # after what was forwarded (or at connect)
+        return True
 
     def on_close(self, conn: pulse.Conn, err: Optional[BaseException]) -> None:
         conn.session.close()

@@ -17,24 +17,28 @@ import errno
 import os
 import socket
 import threading
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
-from .address import parse_address
-from .conn import OPEN, Conn
+from .address import Address, AddressLike, parse_address
+from .conn import Conn
+from .timers import TimerHandle
 from .errors import ServerStateError
-from .handler import check_handler
+from .handler import HandlerProtocol, check_handler
+from .options import check_seconds
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ssl import SSLContext
+
     from .loop import EventLoop
 
 
-def _resolve(family: int, sockaddr: Any) -> Any:
+def _resolve(family: int, sockaddr: Address) -> Tuple[int, Any]:
     """``(family, sockaddr)`` ready for connect; host names go through getaddrinfo.
 
     Resolution runs in the calling thread: IP literals skip it, and a dial
     made from a worker thread (pool mode) keeps DNS off the loop.
     """
-    if family == socket.AF_UNIX:
+    if isinstance(sockaddr, str):  # AF_UNIX: a path, nothing to resolve
         return family, sockaddr
     host, port = sockaddr
     try:
@@ -48,13 +52,89 @@ def _resolve(family: int, sockaddr: Any) -> Any:
     return infos[0][0], infos[0][4]
 
 
-def dial(loop: "EventLoop", address: Any, handler: Any, timeout: Optional[float] = 10.0) -> Conn:
+class Connector:
+    """One outgoing connect in progress: its socket is watched as a special
+    (writability = the connect finished) and it has its own timeout, apart
+    from the connection's deadlines (``Conn.set_write_deadline`` while
+    dialing does not cancel it).  Loop thread only, after ``start``."""
+
+    __slots__ = ("_loop", "_conn", "_address", "_timer")
+
+    def __init__(self, loop: "EventLoop", conn: Conn, address: Any) -> None:
+        self._loop = loop
+        self._conn = conn
+        self._address = address
+        self._timer: Optional[TimerHandle] = None
+
+    def start(self, timeout: Optional[float], error: Optional[BaseException]) -> None:
+        """On the loop: watch the connecting socket, arm the timeout."""
+        loop, conn = self._loop, self._conn
+        if conn.fileno() < 0:
+            return  # aborted before the loop got to it: already closed and reported
+        loop._adopted(conn)
+        if error is None and loop.stopping:
+            error = ConnectionAbortedError("the event loop is stopping")
+        if error is None:
+            try:
+                loop._add_special(conn.fileno(), self._finish, connecting=True)
+            except OSError as exc:
+                error = exc
+        if error is not None:
+            conn._fail(error)
+            return
+        if timeout is not None:
+            self._timer = loop.call_later(timeout, self._timed_out, timeout)
+
+    def _timed_out(self, timeout: float) -> None:
+        self._timer = None
+        if not self._conn.opened:
+            self._conn._fail(TimeoutError("connect to {} timed out after {:g} s".format(
+                self._address, timeout)))
+
+    def _finish(self) -> None:
+        """The connecting socket became writable: connected, or failed."""
+        loop, conn = self._loop, self._conn
+        fd = conn.fileno()
+        if fd < 0 or conn.opened or conn._dropping():
+            return  # closed, or failed in this iteration (it is being closed)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        code = loop.backend.getsockopt_int(fd, socket.SOL_SOCKET, socket.SO_ERROR)
+        if code == 0:
+            # A writable socket with no error can still be unconnected on some
+            # systems (EPOLLHUP before the RST is processed): ask the kernel.
+            try:
+                loop.backend.sockaddr(fd, True)
+            except OSError as exc:
+                code = exc.errno or errno.ENOTCONN
+        if code:
+            conn._fail(OSError(code, "connect to {}: {}".format(
+                self._address, os.strerror(code))))
+            return
+        try:
+            loop._connected(conn)
+        except OSError as exc:
+            conn._fail(exc)
+            return
+        conn._opened()  # on_open; what was written (or closed) while dialing goes on now
+
+
+def dial(loop: "EventLoop", address: AddressLike, handler: HandlerProtocol,
+         timeout: Optional[float] = 10.0, ssl: Optional["SSLContext"] = None,
+         server_hostname: Optional[str] = None) -> Conn:
     """Start connecting to ``address``; return the ``Conn`` at once (see ``EventLoop.dial``)."""
     check_handler(handler)
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or timeout != timeout or timeout <= 0):
-        raise ValueError("timeout must be > 0 seconds or None, got {!r}".format(timeout))
-    family, sockaddr = _resolve(*parse_address(address))
+    timeout = check_seconds("timeout", timeout, allow_none=True, positive=True)
+    family, target = parse_address(address)
+    if ssl is not None:
+        from .tls import check_context
+        if server_hostname is None and not isinstance(target, str):
+            server_hostname = target[0]  # the host as dialed, a name or an IP
+        check_context(ssl, False, server_hostname, "dial() over TLS to {!r}".format(address))
+    elif server_hostname is not None:
+        raise ValueError("server_hostname is only for a TLS dial (pass ssl=)")
+    family, sockaddr = _resolve(family, target)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
@@ -65,75 +145,19 @@ def dial(loop: "EventLoop", address: Any, handler: Any, timeout: Optional[float]
         sock.close()
         raise
     fd = sock.detach()  # the Conn owns the fd from here on
-    conn = Conn(loop, fd, handler, loop._batch)
-    conn._connecting = True
-    conn._raddr = sockaddr[:2] if isinstance(sockaddr, tuple) else sockaddr
+    conn = Conn(loop, fd, handler, -1, opening=True)
+    conn._set_remote(sockaddr if isinstance(sockaddr, str) else sockaddr[:2])
+    if ssl is not None:
+        conn._use_tls(ssl, False, server_hostname)
+    loop._joining_conn(conn)
     error = None
     if code not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
         error = OSError(code, "connect to {}: {}".format(address, os.strerror(code)))
-    loop.call_soon_threadsafe(_start, loop, conn, timeout, address, error)
+    loop.call_soon_threadsafe(Connector(loop, conn, address).start, timeout, error)
     return conn
 
 
-def _start(loop: "EventLoop", conn: Conn, timeout: Optional[float], address: Any,
-           error: Optional[BaseException]) -> None:
-    """On the loop: register the connecting socket, arm its timeout."""
-    fd = conn._fd
-    conn._born = loop._batch
-    loop._conns[fd] = conn
-    if error is None and loop._stopping:
-        error = ConnectionAbortedError("the event loop is stopping")
-    if error is None:
-        loop._specials[fd] = lambda: _finish(loop, conn, address)
-        try:
-            loop._poller.add_connecting(fd)
-        except OSError as exc:
-            error = exc
-    if error is not None:
-        conn._fail(error)
-        return
-    if timeout is not None:
-        conn._write_timer = loop.call_later(timeout, _timed_out, conn, address, timeout)
-
-
-def _timed_out(conn: Conn, address: Any, timeout: float) -> None:
-    conn._write_timer = None
-    if conn._connecting:
-        conn._fail(TimeoutError("connect to {} timed out after {:g} s".format(address, timeout)))
-
-
-def _finish(loop: "EventLoop", conn: Conn, address: Any) -> None:
-    """The connecting socket became writable: connected, or failed."""
-    fd = conn._fd
-    if not conn._connecting or conn._state != OPEN:
-        return
-    code = loop.backend.getsockopt_int(fd, socket.SOL_SOCKET, socket.SO_ERROR)
-    if code == 0:
-        # A writable socket with no error can still be unconnected on some
-        # systems (EPOLLHUP before the RST is processed): ask the kernel.
-        try:
-            loop.backend.sockaddr(fd, True)
-        except OSError as exc:
-            code = exc.errno or errno.ENOTCONN
-    loop._specials.pop(fd, None)
-    conn._connecting = False
-    if conn._write_timer is not None:
-        conn._write_timer.cancel()
-        conn._write_timer = None
-    if code:
-        conn._fail(OSError(code, "connect to {}: {}".format(address, os.strerror(code))))
-        return
-    try:
-        loop._poller.connected(fd, loop.edge)
-    except OSError as exc:
-        conn._fail(exc)
-        return
-    if conn._backlog:
-        conn._update_interest()
-    loop._opened(conn)
-
-
-def register(loop: "EventLoop", sock: Any, handler: Any) -> Conn:
+def register(loop: "EventLoop", sock: Any, handler: HandlerProtocol) -> Conn:
     """Serve an already connected socket (object or fd); the loop takes ownership of it."""
     check_handler(handler)
     if isinstance(sock, socket.socket):
@@ -152,26 +176,26 @@ def register(loop: "EventLoop", sock: Any, handler: Any) -> Conn:
         os.set_blocking(fd, False)
     else:
         raise TypeError("register() takes a socket.socket or an fd, got {!r}".format(sock))
-    conn = Conn(loop, fd, handler, loop._batch)
-    conn._connecting = True  # until the loop registered it: writes are queued
+    # OPENING until the loop registered it: writes made meanwhile are queued.
+    conn = Conn(loop, fd, handler, -1, opening=True)
+    loop._joining_conn(conn)
     loop.call_soon_threadsafe(_adopt, loop, conn)
     return conn
 
 
 def _adopt(loop: "EventLoop", conn: Conn) -> None:
-    conn._born = loop._batch
-    loop._conns[conn._fd] = conn
-    conn._connecting = False
-    if conn._state != OPEN:
-        loop._close_queue.append(conn)
+    if conn.fileno() < 0:
+        return  # aborted before the loop got to it
+    loop._adopted(conn)
+    if loop.stopping:
+        conn._fail(ConnectionAbortedError("the event loop is stopping"))
         return
     try:
-        loop._poller.add(conn._fd, True, bool(conn._backlog), loop.edge)
+        loop._watch_new(conn.fileno())
     except OSError as exc:
         conn._fail(exc)
         return
-    conn._writing = bool(conn._backlog)
-    loop._opened(conn)
+    conn._opened()
 
 
 class Client:
@@ -189,11 +213,14 @@ class Client:
         self.loop = EventLoop(Options(**options))
         self._thread: Optional[threading.Thread] = None
 
-    def dial(self, address: Any, handler: Any, timeout: Optional[float] = 10.0) -> Conn:
-        """Open an outgoing connection (see ``EventLoop.dial``); safe from any thread."""
-        return self.loop.dial(address, handler, timeout)
+    def dial(self, address: AddressLike, handler: HandlerProtocol,
+             timeout: Optional[float] = 10.0, ssl: Optional["SSLContext"] = None,
+             server_hostname: Optional[str] = None) -> Conn:
+        """Open an outgoing connection, over TLS with ``ssl`` (see ``EventLoop.dial``);
+        safe from any thread."""
+        return self.loop.dial(address, handler, timeout, ssl, server_hostname)
 
-    def register(self, sock: Any, handler: Any) -> Conn:
+    def register(self, sock: Any, handler: HandlerProtocol) -> Conn:
         """Serve an already connected socket, taking ownership of it."""
         return self.loop.register(sock, handler)
 
@@ -214,7 +241,7 @@ class Client:
         self.loop.stop()
         thread = self._thread
         if thread is None:
-            if self.loop._thread_id is None:
+            if not self.loop.started:
                 self.loop.close()  # never ran: nothing else will release its fds
         elif thread is not threading.current_thread():
             thread.join(timeout)

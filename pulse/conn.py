@@ -1,98 +1,66 @@
-"""One TCP (or Unix) connection owned by an event loop.
+"""One TCP (or Unix) connection owned by an event loop: the handler's API.
 
-A ``Conn`` is what the handler callbacks receive.  Writes made on the loop's
-thread go into the loop's write batch (sent by one C call per iteration);
-when the socket refuses bytes the rest is kept in the connection's backlog and
-sent with ``writev`` once the socket is writable again.  Past the high-water
-mark the connection stops being read until the backlog drains below the
-low-water mark, so a peer that does not read cannot grow our memory.
+A ``Conn`` is what the handler callbacks receive.  Its state and every
+transition live in its base class, ``lifecycle.Lifecycle``; this module is
+the public surface (write, write_eof, close, abort, pause/resume, timers,
+deadlines, addresses) and says which of it is safe from other threads.  Writes
+made on the loop's thread go into the loop's write batch (``writes.py``, sent
+by one C call per iteration); what the socket refuses waits in the
+connection's ``Backlog``, sent once the socket is writable again.  Past the
+high-water mark the connection stops being read until the backlog drains
+below the low-water mark, so a peer that does not read cannot grow our
+memory.
 
-Closing is always deferred to the end of the loop iteration: the fd number is
-reused by the kernel at once, so closing it while writes or records of this
-iteration still name it would hand them to a stranger.
+Transitions that must wait for the iteration's writes to be flushed (closing,
+shutting down our write side) are "settled" by the loop after its flush
+(``_settle``): the fd number is reused by the kernel at once, so closing it
+while writes or records of this iteration still name it would hand them to a
+stranger.
 """
 
-import datetime
 import errno
 import socket
 import threading
-import time
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
-from ._sys.addresses import parse_sockaddr
-from .errors import ConnClosedError, WriteBufferFullError
-from .timers import monotonic
+from ._sys.raw_sockaddr import parse_sockaddr
+from .address import Address
+from .deadlines import Deadline, deadline_time
+from .errors import ConnClosedError
+from .lifecycle import Lifecycle
+from .states import CLOSED, NAMES, OPEN, OPENING
 from .writes import SMALL_WRITE, WRITE_ARENA_SIZE, WRITE_MAX_ITEMS
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ssl import SSLContext, SSLObject
+
+    from .handler import HandlerProtocol
     from .loop import EventLoop
     from .timers import TimerHandle
-
-Address = Union[Tuple[str, int], str]
-Deadline = Union[None, int, float, datetime.datetime]
-
-OPEN = 0
-CLOSING = 1
-CLOSED = 2
 
 _get_ident = threading.get_ident
 
 
-class Conn:
+class Conn(Lifecycle):
     """A connection: ``write``, ``close``, a session slot, addresses, deadlines.
 
-    Created by the loop, never by users.  Every method may be called from the
-    loop's thread; ``write`` and ``close`` may also be called from any other
-    thread (they are handed to the loop, in order).
+    Created by the loop, never by users.  Every method may be called on the
+    loop's thread (from a callback).  Safe from any thread as well: ``write``,
+    ``write_eof``, ``close``, ``abort``, ``pause_reading``,
+    ``resume_reading``, ``call_later``, the ``set_*deadline`` methods,
+    ``set_nodelay`` and ``set_keepalive`` (each is handed to the loop, in
+    order), and the read-only properties.
     """
 
-    __slots__ = (
-        "_loop", "_fd", "_handler", "session", "_state", "_born", "_backlog",
-        "_pending", "_above_high", "backpressure_reads", "_read_paused", "_user_paused", "_input_paused", "_writing", "_close_err",
-        "_abort", "_close_called", "_eof", "_read_timer", "_write_timer", "_idle_timer",
-        "_user_timers", "_active", "_laddr", "_raddr", "_task", "_on_data", "_connecting",
-        "_hup", "_held", "_held_eof", "opened",
-        "__weakref__",
-    )
+    __slots__ = ("session", "_laddr", "_raddr", "__weakref__")
 
-    def __init__(self, loop: "EventLoop", fd: int, handler: Any, born: int) -> None:
-        self._loop = loop
-        self._fd = fd
-        self._handler = handler
-        self._on_data = handler.on_data  # bound once: the loop calls it per read
-        self._connecting = False  # a dial in progress: writes wait in the backlog
-        self._hup = False  # the kernel reported the peer's FIN while data was still queued
-        self._held: Optional[List[bytes]] = None  # read before pause_reading() took effect
-        self._held_eof = False  # the FIN came while paused: report it after the held data
-        #: True once ``on_open`` ran (False for a dial that failed to connect).
-        self.opened = False
+    def __init__(self, loop: "EventLoop", fd: int, handler: "HandlerProtocol", born: int,
+                 opening: bool = False) -> None:
+        super().__init__(loop, fd, handler, born, opening)
         #: Free slot for the handler's per-connection state (the Go ``Session``).
         self.session: Any = None
-        self._state = OPEN
-        self._born = born
-        self._backlog: List[Any] = []
-        self._pending = 0
-        self._above_high = False  # the backlog passed the high-water mark, not yet drained
-        #: Stop reading this connection while its write backlog is above the
-        #: high-water mark (right for request/response servers).  A proxy turns
-        #: it off and pauses the *other* side from on_pause_writing instead.
-        self.backpressure_reads = True
-        self._read_paused = False  # paused by the write high-water mark
-        self._user_paused = False  # paused by pause_reading()
-        self._input_paused = False  # paused: the task runner has too much queued input
-        self._writing = False      # write interest registered with the poller
-        self._close_err: Optional[BaseException] = None
-        self._abort = False
-        self._close_called = False  # close()/abort() was called, from any thread
-        self._eof = False  # the peer closed its side; waiting for queued callbacks
-        self._read_timer: Optional["TimerHandle"] = None
-        self._write_timer: Optional["TimerHandle"] = None
-        self._idle_timer: Optional["TimerHandle"] = None
-        self._user_timers: Optional[List["TimerHandle"]] = None
-        self._active = 0.0  # monotonic time of the last read or write (idle timeout)
         self._laddr: Optional[Address] = None
         self._raddr: Any = None  # an Address, or raw sockaddr bytes from accept
-        self._task: Any = None  # the task-mode runner's per-connection state
 
     # -- public API -------------------------------------------------------
 
@@ -107,8 +75,14 @@ class Conn:
 
     @property
     def closed(self) -> bool:
-        """True once ``close()`` was called or the connection ended."""
-        return self._state != OPEN or self._close_called
+        """True once ``close()`` or ``abort()`` was called or the connection ended."""
+        return self._state not in (OPEN, OPENING) or self._close_called
+
+    @property
+    def peer_eof(self) -> bool:
+        """True once the peer's FIN arrived (the connection may still be written:
+        see ``on_eof``)."""
+        return self._peer_eof
 
     @property
     def local_address(self) -> Address:
@@ -134,6 +108,10 @@ class Conn:
             self._raddr = raddr = parsed if parsed is not None else self._sockaddr(True)
         return raddr
 
+    def _set_remote(self, address: Any) -> None:
+        """The peer's address: as dialed, or raw from accept (formatted lazily)."""
+        self._raddr = address
+
     def _sockaddr(self, peer: bool) -> Address:
         if self._state == CLOSED:
             raise ConnClosedError("the {} address of a closed connection was not read while "
@@ -151,79 +129,144 @@ class Conn:
     @property
     def write_buffer_size(self) -> int:
         """Bytes accepted by ``write`` and not yet handed to the kernel."""
-        return self._pending
+        return self._backlog.pending
 
     @property
     def reading_paused(self) -> bool:
-        """True while the connection is not read (backpressure or ``pause_reading``)."""
-        return self._read_paused or self._user_paused or self._input_paused
+        """True while the connection is not read (backpressure, ``pause_reading``, ...)."""
+        return bool(self._paused) or self._user_pause
 
-    def write(self, data: Union[bytes, bytearray, memoryview]) -> None:
-        """Queue ``data`` for sending; never blocks.
+    @property
+    def handler(self) -> "HandlerProtocol":
+        """The handler whose callbacks serve this connection."""
+        return self._handler
+
+    @property
+    def ssl_object(self) -> Optional["SSLObject"]:
+        """The ``ssl.SSLObject`` of a TLS connection once its handshake completed
+        (``getpeercert()``, ``selected_alpn_protocol()``, ``version()``,
+        ``cipher()``), else ``None``.  Read it on the loop's thread or after
+        ``on_open``: an ``SSLObject`` is not thread-safe."""
+        tls = self._tls
+        return tls.obj if tls is not None and not tls.handshaking else None
+
+    @property
+    def tls_truncated(self) -> bool:
+        """True if the peer ended this TLS connection with a FIN and no
+        close_notify (``on_close`` gets ``ssl.SSLEOFError`` only when that
+        FIN cut a record short; see ``pulse/tls.py``)."""
+        tls = self._tls
+        return tls is not None and tls.truncated
+
+    def write(self, data: Any) -> None:
+        """Queue ``data`` (bytes, bytearray or memoryview) for sending; never blocks.
 
         ``bytes`` are kept by reference, ``bytearray`` and ``memoryview`` are
         copied, so the caller may reuse its buffer at once.  Raises
-        ``ConnClosedError`` once the connection is closed or closing, and
-        ``TypeError`` for anything that is not a bytes-like object.
+        ``ConnClosedError`` once the connection is closed or closing or after
+        ``write_eof()``, and ``TypeError`` for anything that is not a
+        bytes-like object.
         """
-        if self._state or self._close_called:
-            raise ConnClosedError("write on a closed connection (fd was {})".format(self._fd))
+        if self._state or self._close_called or self._write_closed:
+            self._write_not_open(data)
+            return
+        # Hot path: the loop's _thread_id, _track_idle and _now are read here
+        # and in no other module.
         loop = self._loop
         if loop._thread_id != _get_ident():
             loop.call_soon_threadsafe(self._write_from_thread, _owned_bytes(data))
             return
-        if self._backlog or self._connecting:
+        if self._tls is not None:
+            self._tls.write(data)
+            return
+        if self._backlog.pending:
             self._queue(_owned_bytes(data))
             return
         if loop._track_idle:
             self._active = loop._now
-        # The hot path, inlined from EventLoop._add_write: a small bytes
-        # object is copied into the write arena, merged with this
-        # connection's previous write when that was the batch's last one.
+        # The hot path, inlined from writes.Batch.add: a small bytes object
+        # is copied into the write arena, merged with this connection's
+        # previous write when that was the batch's last one.
+        batch = self._writes
         if type(data) is bytes:
             size = len(data)
-            pos = loop._wpos
+            pos = batch.pos
             end = pos + size
             if size <= SMALL_WRITE and end <= WRITE_ARENA_SIZE and size:
-                count = loop._wcount
-                if loop._wlast is self:
-                    loop._warena[pos:end] = data
-                    loop._wpos = end
-                    loop._witems[3 * count - 1] += size
+                count = batch.count
+                if batch.last is self:
+                    batch.arena[pos:end] = data
+                    batch.pos = end
+                    batch.items[3 * count - 1] += size
                     return
                 if count < WRITE_MAX_ITEMS:
-                    loop._warena[pos:end] = data
-                    loop._wpos = end
-                    items = loop._witems
+                    batch.arena[pos:end] = data
+                    batch.pos = end
+                    items = batch.items
                     k = 3 * count
                     items[k] = self._fd
                     items[k + 1] = pos
                     items[k + 2] = size
-                    loop._wconns.append(self)
-                    loop._wcount = count + 1
-                    loop._wlast = self
+                    batch.conns.append(self)
+                    batch.count = count + 1
+                    batch.last = self
                     return
-        loop._add_write(self, data)
+        batch.add(self, data)
+
+    def _write_not_open(self, data: Any) -> None:
+        """``write`` on a connection that is not plainly open: queue it while
+        dialing, else raise."""
+        if self._state == OPENING and not (self._close_called or self._write_closed):
+            owned = _owned_bytes(data)
+            if self._loop._thread_id != _get_ident():
+                self._loop.call_soon_threadsafe(self._write_from_thread, owned)
+            else:
+                self._write_from_thread(owned)  # sent once the connect completes
+            return
+        why = "after write_eof()" if self._write_closed and not self._close_called else \
+            "on a closed connection"
+        raise ConnClosedError("write {} (fd was {})".format(why, self._fd))
+
+    def write_eof(self) -> None:
+        """Shut down our write side once everything written is sent; keep reading.
+
+        The peer reads EOF after the last byte (with TLS: our close_notify,
+        then our FIN); ``on_data`` goes on until its own FIN (or
+        close_notify).  Later writes raise ``ConnClosedError``.  Idempotent;
+        safe from any thread.  If the peer's FIN already arrived (see
+        ``on_eof``), the connection then closes by itself.
+        """
+        if self._write_closed or self._close_called:
+            return
+        self._write_closed = True
+        loop = self._loop
+        if loop._thread_id != _get_ident():
+            loop.call_soon_threadsafe(self._want_eof)
+        else:
+            self._want_eof()
 
     def close(self) -> None:
         """Close after sending what was written; ``on_close`` follows with ``err=None``.
 
-        Idempotent, and safe from any thread.  No ``on_data`` is delivered
-        after ``close()`` returns on the loop's thread.
+        A lingering close (``linger_timeout``): after the backlog our write
+        side is shut down and the peer's late data is read and discarded
+        until its EOF, so that it receives the whole reply.  Idempotent, and
+        safe from any thread.  No ``on_data`` is delivered after ``close()``
+        returns on the loop's thread.
         """
         self._close_called = True
         loop = self._loop
         if loop._thread_id != _get_ident():
             if self._task is not None:
                 self._task.cancelled = True  # no on_data queued behind this call runs
-            loop.call_soon_threadsafe(self.close)
+            loop.call_soon_threadsafe(self._begin_close)
             return
-        if self._state == OPEN:
-            self._state = CLOSING
-            loop._close_queue.append(self)
+        self._begin_close()
 
     def abort(self, err: Optional[BaseException] = None) -> None:
-        """Close at once, dropping unsent data; ``on_close`` gets ``err``."""
+        """Close at once with a reset, dropping every unsent byte (also those
+        written earlier in this callback); ``on_close`` gets ``err``.  Safe
+        from any thread."""
         self._close_called = True
         loop = self._loop
         if loop._thread_id != _get_ident():
@@ -231,7 +274,49 @@ class Conn:
                 self._task.cancelled = True
             loop.call_soon_threadsafe(self.abort, err)
             return
-        self._fail(err)
+        if self._state != CLOSED:
+            self._reset = True
+            self._fail(err, explicit=True)
+
+    def start_tls(self, context: "SSLContext", server_side: bool = False,
+                  server_hostname: Optional[str] = None, buffered: bytes = b"") -> None:
+        """Upgrade this plain connection to TLS (STARTTLS); safe from any thread.
+
+        What was written before the call goes out in plaintext, what is
+        written after it is encrypted once the handshake completes.  Every
+        byte read after the call's point in the stream is fed to TLS, none
+        is lost: the rest of the chunk in hand (pass it as ``buffered``:
+        the bytes of this ``on_data`` after the upgrade command), later
+        chunks already read, held by ``pause_reading()`` or queued for the
+        workers.  A pause stays in force (the handshake reads through it).
+        The handler's optional ``on_start_tls(conn)`` runs after the
+        handshake; a failed one closes the connection and ``on_close`` gets
+        the error.  Raises ``ValueError`` if the connection already speaks
+        TLS, ``ConnClosedError`` if it is closed.
+        """
+        from .tls import check_context, upgrade
+        check_context(context, server_side, server_hostname, "start_tls()")
+        self._check_open("start_tls")
+        if type(buffered) is not bytes:
+            buffered = _owned_bytes(buffered)
+        if self._tls is not None or self._state != OPEN:
+            raise ValueError("start_tls() on a connection that {}".format(
+                "already speaks TLS" if self._tls is not None else "is not open yet"))
+        if self._loop._thread_id != _get_ident():
+            runner = self._loop.runner
+            if runner is not None and not runner.divert(self):
+                raise ValueError("start_tls() was already called on this connection")
+            self._loop.call_soon_threadsafe(upgrade, self, context, server_side,
+                                            server_hostname, buffered)
+            return
+        upgrade(self, context, server_side, server_hostname, buffered)
+
+    def _use_tls(self, context: "SSLContext", server_side: bool, server_hostname: Optional[str],
+                 quiet: bool = False) -> None:
+        """Speak TLS (``quiet``: an accepted connection, no callback until its handshake)."""
+        from .tls import TLS
+        self._tls = TLS(self, context, server_side, server_hostname)
+        self._quiet = quiet
 
     def pause_reading(self) -> None:
         """Stop delivering ``on_data`` until ``resume_reading()``; safe from any thread.
@@ -239,18 +324,29 @@ class Conn:
         Data (and a FIN) that was already read is held, in order, and
         delivered after ``resume_reading()``; in the threaded task modes that
         includes what is queued for the handler when the pause is made.
+        Calls from other threads take effect in the order they were made.
         """
-        if self._user_paused or self._state != OPEN:
+        if self._state == CLOSED:
             return
+        if self._loop._thread_id != _get_ident():
+            # Set at once, so that a worker holds what is queued behind this
+            # call; and in order on the loop, after a resume made before it.
+            self._set_user_pause()
+            self._loop.call_soon_threadsafe(self._pause_on_loop)
+            return
+        self._pause_on_loop()
+
+    def _set_user_pause(self) -> None:
         tasks = self._task
         if tasks is not None:
             with tasks.lock:  # the workers check the flag under this lock
-                self._user_paused = True
+                self._user_pause = True
         else:
-            self._user_paused = True
-        if self._loop._thread_id != _get_ident():
-            self._loop.call_soon_threadsafe(self._update_interest)
-        else:
+            self._user_pause = True
+
+    def _pause_on_loop(self) -> None:
+        if self._state != CLOSED:
+            self._set_user_pause()
             self._update_interest()
 
     def resume_reading(self) -> None:
@@ -259,33 +355,42 @@ class Conn:
         if loop._thread_id != _get_ident():
             loop.call_soon_threadsafe(self.resume_reading)
             return
-        if not self._user_paused or self._state != OPEN:
+        if not self._user_pause or self._state == CLOSED:
             return
-        if loop._runner is not None and self._task is not None:
-            loop._runner.resume(self)  # clears the flag and requeues held callbacks first
+        runner = loop.runner
+        if runner is not None and self._task is not None:
+            runner.resume(self)  # clears the flag and requeues held callbacks first
         else:
-            self._user_paused = False
+            self._user_pause = False
         self._update_interest()
         if self._held or self._held_eof:
+            # After this dispatch: records of the same poll still to come are
+            # appended to the held chunks (see EventLoop._dispatch), not
+            # delivered before them.
             loop.call_soon(self._release_held)
 
     def call_later(self, delay: float, callback: Any, *args: Any) -> "TimerHandle":
         """Run ``callback(*args)`` on the loop after ``delay`` seconds, unless the
         connection closed first (the timer is cancelled with the connection).
-
-        Call it on the loop's thread (in loop mode, from a callback).
-        """
+        Safe from any thread."""
         self._check_open("call_later")
         handle = self._loop.call_later(delay, self._timer_fired, callback, args)
-        timers = self._user_timers
-        if timers is None:
-            timers = self._user_timers = []
-        elif len(timers) >= 32:
-            # Forget handles that already ran or were cancelled: a long-lived
-            # connection that keeps scheduling must not grow this list.
-            timers[:] = [t for t in timers if t._timers is not None]
-        timers.append(handle)
+        loop = self._loop
+        if loop._thread_id != _get_ident():
+            loop.call_soon_threadsafe(self._keep_timer, handle)
+        else:
+            self._timers.add_user(handle)
         return handle
+
+    def _keep_timer(self, handle: "TimerHandle") -> None:
+        if self._state == CLOSED:
+            handle.cancel()
+        else:
+            self._timers.add_user(handle)
+
+    def _timer_fired(self, callback: Any, args: Tuple[Any, ...]) -> None:
+        if self._state == OPEN or self._state == OPENING:
+            callback(*args)
 
     def set_deadline(self, deadline: Deadline) -> None:
         """Set both the read and the write deadline (see ``set_read_deadline``)."""
@@ -308,6 +413,15 @@ class Conn:
         ``set_read_deadline``)."""
         self._set_deadline(deadline, False)
 
+    def _set_deadline(self, deadline: Deadline, read: bool) -> None:
+        self._check_open("set_read_deadline" if read else "set_write_deadline")
+        when = deadline_time(deadline)
+        loop = self._loop
+        if loop._thread_id != _get_ident():
+            loop.call_soon_threadsafe(self._if_open, self._timers.arm_deadline, when, read)
+        else:
+            self._timers.arm_deadline(when, read)
+
     def set_nodelay(self, enabled: bool = True) -> None:
         """Switch TCP_NODELAY (on by default); a no-op on Unix sockets.  Safe from any thread."""
         self._check_open("set_nodelay")
@@ -317,7 +431,7 @@ class Conn:
             return
         try:
             self._loop.backend.setsockopt_int(self._fd, socket.IPPROTO_TCP, socket.TCP_NODELAY,
-                                1 if enabled else 0)
+                                              1 if enabled else 0)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOPROTOOPT, errno.EINVAL):
                 raise
@@ -328,186 +442,19 @@ class Conn:
         if self._loop._thread_id != _get_ident():
             self._loop.call_soon_threadsafe(self._if_open, self.set_keepalive, enabled)
             return
-        self._loop.backend.setsockopt_int(self._fd, socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1 if enabled else 0)
+        self._loop.backend.setsockopt_int(self._fd, socket.SOL_SOCKET, socket.SO_KEEPALIVE,
+                                          1 if enabled else 0)
 
     def _if_open(self, method: Any, *args: Any) -> None:
-        if self._state == OPEN:
+        if self._state != CLOSED:
             method(*args)
 
     def _check_open(self, what: str) -> None:
-        if self._state != OPEN or self._close_called:
+        if self._state not in (OPEN, OPENING) or self._close_called:
             raise ConnClosedError("{} on a closed connection".format(what))
 
-    def _set_deadline(self, deadline: Deadline, read: bool) -> None:
-        self._check_open("set_read_deadline" if read else "set_write_deadline")
-        when = _deadline_time(deadline)
-        loop = self._loop
-        if loop._thread_id != _get_ident():
-            loop.call_soon_threadsafe(self._arm_deadline, when, read)
-        else:
-            self._arm_deadline(when, read)
-
-    def _arm_deadline(self, when: Optional[float], read: bool) -> None:
-        old = self._read_timer if read else self._write_timer
-        if old is not None:
-            old.cancel()
-        handle = None
-        if when is not None and self._state != CLOSED:
-            handle = self._loop.call_at(when, self._deadline_expired, read)
-        if read:
-            self._read_timer = handle
-        else:
-            self._write_timer = handle
-
-    def _deadline_expired(self, read: bool) -> None:
-        if read:
-            self._read_timer = None
-            self._fail(TimeoutError("read deadline exceeded"))
-        else:
-            self._write_timer = None
-            if self._backlog:
-                self._fail(TimeoutError("write deadline exceeded with {} bytes unsent".format(
-                    self._pending)))
-
-    def _idle_check(self, timeout: float) -> None:
-        """The idle timer fired: close if idle long enough, else re-arm for the rest."""
-        if self._state == CLOSED:
-            return
-        due = self._active + timeout
-        if due <= monotonic() + 0.001:
-            self._idle_timer = None
-            self._fail(TimeoutError("idle for {:g} s".format(timeout)))
-        else:
-            self._idle_timer = self._loop.call_at(due, self._idle_check, timeout)
-
     def __repr__(self) -> str:
-        state = ("open", "closing", "closed")[self._state]
-        return "<pulse.Conn fd={} {}>".format(self._fd, state)
-
-    # -- loop side --------------------------------------------------------
-
-    def _timer_fired(self, callback: Any, args: Tuple[Any, ...]) -> None:
-        if self._state == OPEN:
-            callback(*args)
-
-    def _write_from_thread(self, data: bytes) -> None:
-        if self._abort or self._state == CLOSED:
-            return  # aborted while the write was in flight: on_close says why
-        if self._backlog or self._connecting:
-            self._queue(data)
-        else:
-            self._loop._add_write(self, data)
-
-    def _queue(self, data: Any) -> None:
-        """Append to the backlog and apply the water marks."""
-        self._backlog.append(data)
-        self._pending += len(data)
-        loop = self._loop
-        if self._pending > loop.write_buffer_high_water:
-            limit = loop.write_buffer_limit
-            if limit and self._pending > limit:
-                self._fail(WriteBufferFullError(
-                    "write buffer of {} bytes passed write_buffer_limit={}".format(
-                        self._pending, limit)))
-                return
-            if not self._above_high:
-                self._above_high = True
-                if self.backpressure_reads:
-                    self._read_paused = True
-                    self._update_interest()
-                loop._notify(self, "on_pause_writing")
-        if not self._writing:
-            self._update_interest()
-
-    def _update_interest(self) -> None:
-        """Tell the poller what this connection waits for now."""
-        if self._state == CLOSED or self._connecting:
-            return  # a dial in progress is watched by the connect logic
-        write = bool(self._backlog)
-        read = self._state == OPEN and not (
-            self._read_paused or self._user_paused or self._input_paused or self._eof)
-        self._writing = write
-        loop = self._loop
-        try:
-            loop._poller.watch(self._fd, read, write, loop.edge)
-        except OSError as exc:
-            self._fail(exc)
-
-    def _on_writable(self) -> None:
-        """The socket accepts bytes again: send the backlog with writev."""
-        backlog = self._backlog
-        if not backlog:
-            return
-        while backlog:
-            chunk = backlog[:64]  # IOV_MAX is 1024; 64 keeps each call cheap
-            try:
-                backend = self._loop.backend
-                sent = backend.writev(self._fd, chunk) if len(chunk) > 1 else backend.send(
-                    self._fd, chunk[0])
-            except OSError as exc:
-                self._fail(exc)
-                return
-            if sent is None:
-                break
-            self._loop.bytes_out += sent
-            self._pending -= sent
-            self._active = monotonic()
-            done = 0
-            for item in chunk:
-                size = len(item)
-                if sent >= size:
-                    sent -= size
-                    done += 1
-                else:
-                    if sent:
-                        chunk_rest = memoryview(item)[sent:]
-                        backlog[done] = chunk_rest
-                    break
-            del backlog[:done]
-            if done < len(chunk):
-                break  # short write: the socket is full again
-        loop = self._loop
-        if self._above_high and self._pending <= loop.write_buffer_low_water:
-            self._above_high = False
-            self._read_paused = False
-            self._update_interest()
-            loop._notify(self, "on_resume_writing")
-        elif not backlog:
-            self._update_interest()
-        if not backlog and self._state == CLOSING:
-            loop._close_queue.append(self)
-
-    def _hold(self, payload: bytes) -> None:
-        if self._held is None:
-            self._held = []
-        self._held.append(payload)
-
-    def _release_held(self) -> None:
-        """After resume_reading(): deliver what was held, in order, then a held FIN."""
-        loop = self._loop
-        held = self._held
-        while held and not self._user_paused and self._state == OPEN:
-            loop._deliver(self, held.pop(0))
-        if not held and self._held_eof and not self._user_paused:
-            self._held_eof = False
-            loop._on_eof(self)
-
-    def _peer_closed(self) -> None:
-        """The peer sent FIN and every callback queued before it has run: close."""
-        if self._state == OPEN:
-            self._state = CLOSING
-            self._loop._close_queue.append(self)
-
-    def _fail(self, err: Optional[BaseException]) -> None:
-        """Abort: drop unsent data and close with ``err`` at the end of this iteration."""
-        if self._state == CLOSED:
-            return
-        if self._close_err is None:
-            self._close_err = err
-        self._abort = True
-        if self._state == OPEN:
-            self._state = CLOSING
-        self._loop._close_queue.append(self)
+        return "<pulse.Conn fd={} {}>".format(self._fd, NAMES[self._state])
 
 
 def _owned_bytes(data: Any) -> bytes:
@@ -519,16 +466,3 @@ def _owned_bytes(data: Any) -> bytes:
     raise TypeError("write() takes bytes, bytearray or memoryview, got {}".format(
         type(data).__name__))
 
-
-def _deadline_time(deadline: Deadline) -> Optional[float]:
-    """A deadline as ``time.monotonic()`` time (``None`` stays ``None``)."""
-    if deadline is None:
-        return None
-    if isinstance(deadline, datetime.datetime):
-        wall = deadline.timestamp()  # naive datetimes are local time, as in datetime
-        return monotonic() + (wall - time.time())
-    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)):
-        raise TypeError("deadline must be seconds, a datetime or None, got {!r}".format(deadline))
-    if deadline != deadline or deadline < 0:
-        raise ValueError("deadline must be >= 0 seconds, got {}".format(deadline))
-    return monotonic() + deadline

@@ -11,13 +11,16 @@ import logging
 import os
 import socket
 import threading
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional, Type, Union
 
-from .address import SockAddr, open_listener
+from .address import Address, AddressLike, open_listener
 from .errors import ServerStateError
-from .handler import check_handler
+from .handler import HandlerProtocol, check_handler
 from .loop import EventLoop
-from .options import Options
+from .options import Options, parse_log_level
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ssl import SSLContext
 
 logger = logging.getLogger("pulse")
 
@@ -30,21 +33,24 @@ class Server:
     instantiated once.  Keyword options are those of ``pulse.Options``:
     ``trigger`` ("edge" or "level"), ``task_type`` ("loop", "pool" or
     "thread"), ``read_buffer_size``, the write-buffer water marks, timeouts,
-    ``log_level``, ...
+    ``log_level``, ...  With ``ssl`` (a server-side ``ssl.SSLContext``) every
+    connection speaks TLS: ``on_open`` runs after its handshake, the
+    callbacks see plaintext.
     """
 
-    def __init__(self, handler: Any, **options: Any) -> None:
+    def __init__(self, handler: Union[HandlerProtocol, Type[HandlerProtocol]],
+                 ssl: Optional["SSLContext"] = None, **options: Any) -> None:
         if isinstance(handler, type):
             handler = handler()
         self.handler = check_handler(handler)
         self.options = Options(**options)
-        if self.options.log_level is not None:
-            level = self.options.log_level
-            if isinstance(level, str):
-                level = logging.getLevelName(level.upper())
-                if not isinstance(level, int):
-                    raise ValueError("log_level must be a logging level name, got {!r}".format(
-                        self.options.log_level))
+        if ssl is not None:
+            from .tls import check_context
+            check_context(ssl, server_side=True)
+        #: The server-side ``ssl.SSLContext`` of every listener, or ``None`` (plain TCP).
+        self.ssl = ssl
+        level = parse_log_level(self.options.log_level)
+        if level is not None:
             logger.setLevel(level)
         self._listeners: List[socket.socket] = []
         self._unix_paths: List[str] = []
@@ -52,7 +58,8 @@ class Server:
         self._state = "new"
         self._stop_requested = False
         self._loop: Optional[EventLoop] = None
-        self._started = threading.Event()
+        self._started = threading.Event()  # set when serve() runs or ended
+        self._ran = False  # the loop iterated at least once
 
     @property
     def loop(self) -> Optional[EventLoop]:
@@ -60,18 +67,18 @@ class Server:
         return self._loop
 
     @property
-    def address(self) -> SockAddr:
+    def address(self) -> Address:
         """The bound address of the first listener (useful after listening on port 0)."""
         if not self._listeners:
             raise ServerStateError("the server is not listening; call listen() or serve()")
         return self._listeners[0].getsockname()
 
     @property
-    def addresses(self) -> List[SockAddr]:
+    def addresses(self) -> List[Address]:
         """Bound addresses of every listener."""
         return [sock.getsockname() for sock in self._listeners]
 
-    def listen(self, address: Any) -> SockAddr:
+    def listen(self, address: Union[AddressLike, socket.socket]) -> Address:
         """Bind and listen on ``address`` (or adopt a listening ``socket.socket``).
 
         May be called several times, before ``serve()`` only.  Returns the
@@ -84,7 +91,8 @@ class Server:
             if isinstance(address, socket.socket):
                 sock = address
                 if sock.type != socket.SOCK_STREAM:
-                    raise ValueError("the socket to serve must be SOCK_STREAM, got {!r}".format(sock))
+                    raise ValueError("the socket to serve must be SOCK_STREAM, got {!r}".format(
+                        sock))
                 sock.setblocking(False)
             else:
                 sock = open_listener(address, self.options.backlog, self.options.reuse_port)
@@ -94,10 +102,12 @@ class Server:
             return sock.getsockname()
 
     def wait_started(self, timeout: Optional[float] = None) -> bool:
-        """Block until ``serve()`` is accepting connections; False on timeout."""
-        return self._started.wait(timeout)
+        """Block until ``serve()``'s loop runs (accepting connections, its
+        workers and signal wake-up in place); False on timeout or when
+        ``serve()`` ended without ever running."""
+        return self._started.wait(timeout) and self._ran
 
-    def serve(self, address: Any = None) -> None:
+    def serve(self, address: Union[None, AddressLike, socket.socket] = None) -> None:
         """Serve until ``stop()``; listens on ``address`` first when given.
 
         Raises ``ServerStateError`` when called twice or with nothing to
@@ -120,20 +130,27 @@ class Server:
             self._loop = loop
         try:
             for sock in self._listeners:
-                loop.add_listener(sock, self.handler)
+                loop.add_listener(sock, self.handler, self.ssl)
             if self._stop_requested:
                 loop.stop()
             for sock in self._listeners:
                 logger.info("pulse: serving on %s (%s backend, %s-triggered, task_type=%s)",
                             sock.getsockname(), loop.backend.NAME, self.options.trigger,
                             self.options.task_type)
-            self._started.set()
+            # Started means iterating: from the loop's first round, with
+            # what run() sets up (runner, signal wake-up) in place.
+            loop.call_soon_threadsafe(self._mark_started)
             loop.run(on_stop=self._close_listeners)
         finally:
+            self._started.set()  # nobody waits for ever on a server that ended
             self._close_listeners()
             with self._lock:
                 self._state = "stopped"
                 self._loop = None
+
+    def _mark_started(self) -> None:
+        self._ran = True
+        self._started.set()
 
     def stop(self) -> None:
         """Stop serving: ``serve()`` closes every connection and returns.
@@ -149,7 +166,7 @@ class Server:
     def _close_listeners(self) -> None:
         loop = self._loop
         for sock in self._listeners:
-            if loop is not None and not loop._closed:
+            if loop is not None and not loop.closed:
                 loop.remove_listener(sock)
             sock.close()
         for path in self._unix_paths:

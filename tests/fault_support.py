@@ -622,7 +622,7 @@ class Recorder:
         with self.lock:
             while any(not ledger.closes for ledger in self.ledgers):
                 left = deadline - time.monotonic()
-                open_ones = [l.serial for l in self.ledgers if not l.closes]
+                open_ones = [ledger.serial for ledger in self.ledgers if not ledger.closes]
                 assert left > 0, "no on_close for connections {}".format(open_ones)
                 self.closed_event.wait(min(left, 0.1))
 

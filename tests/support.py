@@ -11,7 +11,7 @@ import selectors
 import socket
 import threading
 import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import psutil
 
@@ -155,7 +155,8 @@ def echo_many(address: Tuple[str, int], messages: List[bytes], timeout: float = 
                         len(got), len(msg))
                     got += chunk
                     if len(got) >= len(msg):
-                        assert bytes(got) == msg, "echo mismatch on a {}-byte message".format(len(msg))
+                        assert bytes(got) == msg, "echo mismatch on a {}-byte message".format(
+                            len(msg))
                         sel.unregister(sock)
                         pending -= 1
     finally:
@@ -216,3 +217,22 @@ def connect_when_up(port: int, timeout: float = 15.0) -> socket.socket:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def on_loop(loop: Any, func: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Run ``func`` on ``loop``'s thread and return its result (or raise its exception)."""
+    done = threading.Event()
+    box: List[Any] = [None, None]
+
+    def call() -> None:
+        try:
+            box[0] = func()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+            box[1] = exc
+        done.set()
+
+    loop.call_soon_threadsafe(call)
+    assert done.wait(timeout), "the loop did not run a callback within {} s".format(timeout)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]

@@ -6,6 +6,7 @@ import threading
 import time
 from typing import List, Optional
 
+import psutil
 import pytest
 
 import pulse
@@ -38,8 +39,24 @@ def test_bad_options_name_the_argument(kwargs: dict, exc: type, words: str) -> N
 
 
 def test_unknown_option_is_a_type_error() -> None:
-    with pytest.raises(TypeError, match="read_bufer_size"):
+    with pytest.raises(TypeError, match="read_bufer_size") as info:
         pulse.Server(pulse.Handler(), read_bufer_size=10)
+    assert "did you mean 'read_buffer_size'?" in str(info.value)
+    assert "write_buffer_high_water" in str(info.value)  # the valid names are listed
+    with pytest.raises(TypeError):
+        pulse.Options("edge")  # type: ignore[misc]  # keywords only
+
+
+def test_options_come_from_one_field_table() -> None:
+    import inspect
+    from pulse.options import FIELDS
+    params = list(inspect.signature(pulse.Options).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in params] == [
+        (f.name, inspect.Parameter.KEYWORD_ONLY, f.default) for f in FIELDS]
+    options = pulse.Options()
+    assert list(options.as_dict()) == [f.name for f in FIELDS]
+    assert options.write_buffer_low_water == options.write_buffer_high_water // 4
+    assert pulse.Options(**options.as_dict()).as_dict() == options.as_dict()
 
 
 def test_handler_without_callbacks_is_rejected() -> None:
@@ -282,7 +299,7 @@ def test_remote_address_answers_in_on_close_after_a_reset() -> None:
         def on_close(self, conn: pulse.Conn, err: Optional[BaseException]) -> None:
             seen.append((conn.remote_address, err))
             try:
-                conn.local_address  # never read while open: a clear error, not EBADF
+                _ = conn.local_address  # never read while open: a clear error, not EBADF
             except pulse.ConnClosedError as exc:
                 seen.append(exc)
 
@@ -295,3 +312,39 @@ def test_remote_address_answers_in_on_close_after_a_reset() -> None:
     assert seen[0][0] == name
     assert isinstance(seen[0][1], ConnectionResetError)
     assert "local address" in str(seen[1])
+
+
+@pytest.mark.parametrize("task_type", ["loop", "pool"])
+def test_wait_started_means_the_loop_runs(task_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``wait_started()`` returns once the loop iterates, with every fd of a
+    running server open (the signal wake-up pair of ``run()`` in the main
+    thread).  It used to return before ``run()`` was entered: the fault
+    suite's fd baseline, taken right after it, then missed those two fds and
+    a reset storm looked like a leak (CI, 2026-12-02).  ``run()`` is slowed
+    here so the old order shows every time."""
+    from pulse.loop import EventLoop
+    slow_run = EventLoop.run
+
+    def run(self: EventLoop, *args: object, **kwargs: object) -> None:
+        time.sleep(0.3)
+        slow_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(EventLoop, "run", run)
+    server = pulse.Server(pulse.Handler(), task_type=task_type)
+    server.listen(("127.0.0.1", 0))
+    counts: List[int] = []
+
+    def watch() -> None:
+        try:
+            assert server.wait_started(10)
+            counts.append(psutil.Process().num_fds())
+            time.sleep(0.6)
+            counts.append(psutil.Process().num_fds())
+        finally:
+            server.stop()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    server.serve()  # in the main thread, as `pulse serve` and the fault child do
+    watcher.join(10)
+    assert len(counts) == 2 and counts[0] == counts[1], counts

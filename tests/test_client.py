@@ -13,7 +13,8 @@ import psutil
 import pytest
 
 import pulse
-from support import RSS_SLACK, ServerThread, free_port, no_leaks, pattern, recv_exactly, recv_until_eof, wait_for
+from support import (RSS_SLACK, ServerThread, free_port, no_leaks, pattern, recv_exactly,
+                     recv_until_eof, wait_for)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -60,7 +60,7 @@ class Recorder(pulse.Handler):
             opened = {id(c) for c in self.opened}
             assert len(opened) == len(self.opened), "on_open ran twice for one connection"
             assert set(self.closes) == opened, "on_close set differs from on_open set"
-            for key, errs in self.closes.items():
+            for errs in self.closes.values():
                 assert len(errs) == 1, "on_close ran {} times".format(len(errs))
             assert not self.late_data, "on_data after on_close"
 

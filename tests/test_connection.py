@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 import pulse
-from support import (ServerThread, connect_when_up, free_port, no_leaks, offer, pattern, recv_exactly,
-                     recv_until_eof, wait_for)
+from support import (ServerThread, connect_when_up, free_port, no_leaks, offer, pattern,
+                     recv_exactly, recv_until_eof, wait_for)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def test_pool_mode_orders_callbacks_and_never_overlaps_them() -> None:
     with ServerThread(handler, task_type="pool", pool_size=4) as srv:
         socks = [srv.connect() for _ in range(8)]
         expected = {}
-        for i, sock in enumerate(socks):
+        for i, _sock in enumerate(socks):
             msgs = b"".join(b"<%d:%04d>" % (i, n) for n in range(150))
             expected[i] = msgs
         for n in range(0, 150 * 8, 8):
@@ -294,7 +294,7 @@ def test_timers_of_closed_connections_are_gone() -> None:
         wait_for(lambda: loops[0].connections == 0, 20, "every connection closed")
         timers = loops[0]._timers
         wait_for(lambda: len(timers) == 0, 5, "timers cancelled")
-        assert len(timers._heap) < 1000, "cancelled timers were not purged"
+        assert len(timers.heap) < 1000, "cancelled timers were not purged"
     assert fired == []
 
 
@@ -433,7 +433,8 @@ def test_large_reads_go_direct_and_small_ones_come_back(
             got += recv_exactly(sock, len(big), time.monotonic() + 30)
             sender.join(30)
             assert got == big
-            assert any(flag for _, flag in handler.seen) == supported, "large reads never went direct"
+            assert any(flag for _, flag in handler.seen) == supported, \
+                "large reads never went direct"
             # Small request/response rounds: the connection returns to the arena.
             for i in range(20):
                 msg = b"small-%d" % i

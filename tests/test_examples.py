@@ -72,7 +72,7 @@ class Example:
                 if time.monotonic() > deadline:
                     self.proc.kill()
                     raise AssertionError("example did not listen within {} s:\n{}".format(
-                        timeout, self.output()))
+                        timeout, self.output())) from None
                 time.sleep(0.05)
 
     def connect(self) -> socket.socket:
@@ -86,7 +86,7 @@ class Example:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError("example ignored SIGTERM:\n" + self.output())
+            raise AssertionError("example ignored SIGTERM:\n" + self.output()) from None
         output = self.output()
         self.log.close()
         assert self.proc.returncode == 0, output
