@@ -14,22 +14,48 @@ edge-triggered epoll/kqueue reactor driven through cffi::
 ``pulse._sys`` is the documented low-level layer (poller and socket calls).
 """
 
-from ._sys import BACKEND
-from .address import parse_address
+from typing import TYPE_CHECKING, Any
+
+from ._sys.registry import BackendUnavailableError
+from .address import Address, AddressLike, parse_address
 from .client import Client
 from .conn import Conn
-from .errors import ConnClosedError, PulseError, ServerStateError, WriteBufferFullError
-from .handler import Handler, callbacks
-from .launcher import LaunchError, serve
+from .errors import (ConnClosedError, LaunchError, PulseError, ServerStateError,
+                     WriteBufferFullError)
+from .handler import Handler, HandlerProtocol, callbacks
 from .loop import EventLoop
 from .options import Options
 from .server import Server
 from .timers import TimerHandle
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .launch import serve
+    from .tlsconfig import server_context
+
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKEND", "Client", "Conn", "ConnClosedError", "EventLoop", "Handler", "LaunchError", "Options", "PulseError",
-    "Server", "ServerStateError", "TimerHandle", "WriteBufferFullError", "callbacks",
-    "parse_address", "serve", "__version__",
+    "Address", "AddressLike", "BACKEND", "BackendUnavailableError", "Client", "Conn",
+    "ConnClosedError", "EventLoop", "Handler", "HandlerProtocol", "LaunchError", "Options",
+    "PulseError", "Server", "ServerStateError", "TimerHandle", "WriteBufferFullError",
+    "callbacks", "parse_address", "serve", "server_context", "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Names imported on first use, so that ``import pulse`` never fails and
+    stays light: ``pulse.BACKEND`` loads the backend (which may fall back to
+    the portable one, with a warning), ``pulse.serve`` the launcher (which
+    needs POSIX signals), ``pulse.server_context`` the TLS files' context."""
+    if name == "BACKEND":
+        from . import _sys
+        return _sys.BACKEND
+    if name == "serve":
+        from .launch import serve
+        globals()["serve"] = serve  # once: later lookups find it without this hook
+        return serve
+    if name == "server_context":
+        from .tlsconfig import server_context
+        globals()["server_context"] = server_context
+        return server_context
+    raise AttributeError("module {!r} has no attribute {!r}".format(__name__, name))
