@@ -5,7 +5,11 @@
 
 With ``--workers`` it runs that many reactor processes on the port
 (``pulse.serve``: SIGHUP replaces them one at a time, a dead one is
-restarted); without it, one ``pulse.Server`` in this process.
+restarted); without it, one ``pulse.Server`` in this process.  With
+``--certfile cert.pem --keyfile key.pem`` it echoes over TLS (``--alpn``
+offers protocols, ``--ca-certs`` checks client certificates):
+
+    openssl s_client -connect 127.0.0.1:8080 -CAfile ca.pem
 """
 
 import example_cli

@@ -17,6 +17,11 @@ lost its place in the stream.
     python examples/http_server.py --port 8080 [--workers N|auto] [--task-type ...]
     wrk -c 100 -d 5 http://127.0.0.1:8080/
 
+With ``--certfile cert.pem --keyfile key.pem`` it serves HTTPS (HTTP/1.1;
+``--alpn http/1.1`` lets clients that offer ``h2`` first know at once):
+
+    curl --cacert ca.pem https://127.0.0.1:8080/
+
 ``examples/uvloop_http_server.py`` serves the same bytes through uvloop, for
 comparison; both use ``HelloApp`` below.
 """

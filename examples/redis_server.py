@@ -32,6 +32,13 @@ Design notes:
     python examples/redis_server.py --port 6380 [--workers N|auto] [--task-type ...]
     redis-cli -p 6380 set greeting hello
     redis-benchmark -p 6380 -q -t ping,set,get -P 16 -c 50
+
+TLS takes the flags every example shares, not redis-server's: where Redis
+has ``--tls-port`` beside ``--port`` and ``--tls-cert-file``/``--tls-key-file``,
+here ``--certfile cert.pem --keyfile key.pem`` makes ``--port`` a TLS port
+(no separate ``--tls`` switch, no second port; run two servers for both):
+
+    redis-cli --tls --cacert ca.pem -p 6380 set greeting hello
 """
 
 import fnmatch

@@ -10,6 +10,13 @@ failed connect arrives as ``on_close(conn, err)`` without ``on_open``.
 
     python examples/tlv_client.py --port 8090 [--connections 4] [--frames 1000]
         [--size 64] [--pipeline 16] [--timeout 10]
+        [--tls [--cafile ca.pem] [--server-hostname localhost]]
+
+``--tls`` dials over TLS (``dial(..., ssl=context)``, the context
+``ssl.create_default_context(cafile=...)``): the server's certificate is
+checked against ``--cafile`` (default: the system's CAs) and
+``--server-hostname`` (default: ``--host``); a failed handshake is a failed
+connect.  The server side is ``examples/tlv_server.py --certfile ...``.
 
 Prints one summary line and exits 0 when every frame came back intact, 1
 otherwise (with the reason on stderr).
@@ -18,6 +25,7 @@ otherwise (with the reason on stderr).
 import argparse
 import collections
 import logging
+import ssl
 import sys
 import threading
 import time
@@ -112,8 +120,8 @@ class TLVClient(pulse.Handler):
     def on_close(self, conn: pulse.Conn, err: Optional[BaseException]) -> None:
         session: Optional[FrameSession] = conn.session
         failure = None
-        if session is None:  # the connect failed: on_open never ran
-            failure = "connect failed: %s" % err
+        if session is None:  # the connect or the TLS handshake failed: on_open never ran
+            failure = "connect failed: %s: %s" % (type(err).__name__, err)
         elif session.error is not None:
             failure = "connection %d: %s" % (session.conn_id, session.error)
         elif session.received != self.frames:
@@ -150,9 +158,22 @@ def main() -> None:
     parser.add_argument("--trigger", choices=["edge", "level"], default="edge")
     parser.add_argument("--task-type", choices=["loop", "pool", "thread"], default="loop")
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--tls", action="store_true", help="dial over TLS")
+    parser.add_argument("--cafile", metavar="PEM",
+                        help="with --tls: CA the server's certificate is checked against")
+    parser.add_argument("--server-hostname", metavar="NAME",
+                        help="with --tls: name the certificate must match (default: --host)")
     args = parser.parse_args()
     if min(args.connections, args.frames, args.pipeline) < 1 or args.size < 0:
         parser.error("--connections, --frames and --pipeline must be >= 1, --size >= 0")
+    if not args.tls and (args.cafile or args.server_hostname):
+        parser.error("--cafile and --server-hostname need --tls")
+    context = None
+    if args.tls:
+        try:
+            context = ssl.create_default_context(cafile=args.cafile)
+        except (OSError, ssl.SSLError) as exc:
+            parser.error("--cafile %s: %s" % (args.cafile, exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s")
 
     client = pulse.Client(trigger=args.trigger, task_type=args.task_type)
@@ -166,7 +187,8 @@ def main() -> None:
                         args.connections, on_done)
     started = time.perf_counter()
     for _ in range(args.connections):
-        client.dial((args.host, args.port), handler, timeout=args.timeout)
+        client.dial((args.host, args.port), handler, timeout=args.timeout, ssl=context,
+                    server_hostname=args.server_hostname)
     client.run()
     elapsed = time.perf_counter() - started
     failures = result[0] if result else ["the client loop stopped early"]
