@@ -225,6 +225,7 @@ def tls_build_flags(cache_dir: Path) -> Tuple[Optional[Tuple[List[str], List[str
             return None, "cannot run the C compiler %r: %s" % (CC, exc)
     if proc.returncode != 0:
         first = (proc.stderr.strip().splitlines() or ["compiler failed"])[0]
+        first = first[first.find("error:"):] if "error:" in first else first  # without the probe's path
         return None, ("the load generator was built without TLS: OpenSSL headers/libraries not found "
                       "(install libssl-dev or openssl-devel): %s" % first)
     return (["-DLOADGEN_TLS"] + cflags, libs), ""

@@ -2,7 +2,8 @@
 from ``asyncio_echo.py`` run on uvloop's event loop.
 
 Run as ``python bench/servers/uvloop_echo.py --port P [--certfile PEM --keyfile
-PEM]``; with ``--certfile`` it serves TLS through uvloop's SSL layer.
+PEM]``; with ``--certfile`` it serves TLS through uvloop's SSL layer (its
+Cython port of asyncio's).
 """
 
 import asyncio
