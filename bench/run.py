@@ -249,13 +249,12 @@ def make_tls_files(cache_dir: Path) -> Tuple[Optional[TlsFiles], str]:
            "-addext", "subjectAltName=IP:127.0.0.1"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        made = proc.returncode == 0 and cert.exists() and key.exists()
     except (OSError, subprocess.TimeoutExpired) as exc:
-        proc = None
-        detail = str(exc)
-    if proc is None or proc.returncode != 0 or not cert.exists():
+        detail, made = str(exc), False
+    if not made:
         shutil.rmtree(str(where), ignore_errors=True)
-        if proc is not None:
-            detail = (proc.stderr.strip().splitlines() or ["failed"])[-1]
         return None, "openssl could not make the test certificate: %s" % detail
     return (cert, key), ""
 
