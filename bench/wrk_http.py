@@ -81,7 +81,9 @@ def parse_wrk(text: str) -> Tuple[int, float, int]:
         raise run.BenchError("wrk printed no result: %s" % text.strip()[-300:])
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", text))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    return int(done.group(1)), float(rate.group(1)), errors + (int(non2xx.group(1)) if non2xx else 0)
+    if non2xx is not None:
+        errors += int(non2xx.group(1))
+    return int(done.group(1)), float(rate.group(1)), errors
 
 
 def measure(srv: HttpServerProcess, wrk: str, conns: int, duration: float) -> Tuple[float, float]:
