@@ -246,10 +246,13 @@ def tls_through(port: int, header: bytes, context: ssl.SSLContext, together: boo
     return raw, obj, incoming, outgoing
 
 
-def test_tls_gets_exactly_the_bytes_after_the_header(tls_files: TLSFiles) -> None:
+@pytest.mark.parametrize("trigger,task_type", [("edge", "loop"), ("level", "pool"),
+                                               ("edge", "thread")])
+def test_tls_gets_exactly_the_bytes_after_the_header(tls_files: TLSFiles, trigger: str,
+                                                     task_type: str) -> None:
     handler = Greeter()
-    with ServerThread(handler, proxy_protocol=True,
-                      ssl=server_context(tls_files)) as server:
+    with ServerThread(handler, proxy_protocol=True, ssl=server_context(tls_files),
+                      trigger=trigger, task_type=task_type) as server:
         port = server.address[1]
         context = client_context(tls_files)
         with tls_through(port, v2(CLIENT, SERVICE), context, together=False) as sock:
@@ -274,7 +277,96 @@ def test_tls_gets_exactly_the_bytes_after_the_header(tls_files: TLSFiles) -> Non
                     incoming.write(chunk)
             seen = ast.literal_eval(got[:got.index(b"\n")].decode())
             assert seen["remote"] == CLIENT6 and seen["proxy"] == raw.getsockname()
-    assert [kind for kind, _ in handler.events] == ["open", "close", "open", "close"]
+        wait_for(lambda: len(handler.events) == 4, what="both on_close")
+    # (In thread mode the first on_close may run after the second on_open.)
+    assert sorted(kind for kind, _ in handler.events) == ["close", "close", "open", "open"]
+
+
+def test_a_bad_tls_hello_after_a_good_header_is_quiet_too(tls_files: TLSFiles) -> None:
+    handler = Greeter()
+    with ServerThread(handler, proxy_protocol=True, ssl=server_context(tls_files)) as server:
+        with server.connect() as sock:
+            sock.sendall(v1(CLIENT, SERVICE) + b"GET / HTTP/1.1\r\n\r\n")
+            sock.settimeout(5)
+            try:
+                while sock.recv(4096):
+                    pass  # OpenSSL's alert, then the close
+            except ConnectionResetError:
+                pass
+    assert handler.events == []
+
+
+class Holder(Greeter):
+    """Pauses in on_open, so the bytes after the header must wait for the resume."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks: List[Any] = []
+
+    def on_open(self, conn: pulse.Conn) -> None:
+        conn.pause_reading()
+        conn.call_later(0.2, conn.resume_reading)
+        super().on_open(conn)
+
+    def on_data(self, conn: pulse.Conn, data: Any) -> None:
+        self.chunks.append(type(data))
+        conn.write(bytes(data))
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_the_rest_of_the_segment_respects_a_pause_and_zero_copy(zero_copy: bool) -> None:
+    handler = Holder()
+    with ServerThread(handler, proxy_protocol=True, zero_copy=zero_copy) as server:
+        with server.connect() as sock:
+            sock.sendall(v2(CLIENT, SERVICE) + b"first bytes")
+            deadline = time.monotonic() + 10
+            assert greeting(sock, deadline)["remote"] == CLIENT
+            started = time.monotonic()
+            assert recv_exactly(sock, 11, deadline) == b"first bytes"
+            assert time.monotonic() - started > 0.1  # held until resume_reading()
+    assert handler.chunks[0] is bytes  # held data is always bytes
+    handler = Holder()
+    handler.on_open = Greeter.on_open.__get__(handler)  # type: ignore[method-assign]
+    with ServerThread(handler, proxy_protocol=True, zero_copy=zero_copy) as server:
+        with server.connect() as sock:
+            sock.sendall(v1(CLIENT, SERVICE) + b"now")
+            deadline = time.monotonic() + 10
+            greeting(sock, deadline)
+            assert recv_exactly(sock, 3, deadline) == b"now"
+    assert handler.chunks[0] is (memoryview if zero_copy else bytes)
+
+
+def test_an_on_open_that_raises_gets_its_on_close() -> None:
+    class Raiser(Greeter):
+        def on_open(self, conn: pulse.Conn) -> None:
+            with self.lock:
+                self.events.append(("open", None))
+            raise RuntimeError("boom")
+
+    handler = Raiser()
+    with ServerThread(handler, proxy_protocol=True) as server:
+        with server.connect() as sock:
+            sock.sendall(v1(CLIENT, SERVICE) + b"data that must not reach on_data")
+            assert closed_by_server(sock)
+        wait_for(lambda: len(handler.events) == 2, what="on_close")
+    assert handler.events[0][0] == "open"
+    assert handler.events[1][0] == "close" and isinstance(handler.events[1][1], RuntimeError)
+
+
+def test_refused_connections_free_their_slots() -> None:
+    handler = Greeter()
+    with ServerThread(handler, proxy_protocol=True, max_connections=2) as server:
+        loop = server.server.loop
+        assert loop is not None
+        for _ in range(5):  # more refusals than slots: each gave its slot back
+            with server.connect() as sock:
+                sock.sendall(b"nope")
+                assert closed_by_server(sock)
+        wait_for(lambda: loop.occupied == 0, what="no connection left")
+        with server.connect() as sock:
+            sock.sendall(v1(CLIENT, SERVICE))
+            assert greeting(sock, time.monotonic() + 10)["remote"] == CLIENT
+    assert handler.events[0][0] == "open"
 
 
 def test_the_options_are_checked() -> None:
@@ -298,3 +390,53 @@ def test_the_options_are_checked() -> None:
     assert pulse.Options(**options.as_dict()).proxy_protocol_trusted == \
         options.proxy_protocol_trusted
     assert pulse.Options().proxy_protocol is False
+
+
+def _serve_in_thread(server: pulse.Server) -> threading.Thread:
+    thread = threading.Thread(target=server.serve, name="pulse-test-proxy")
+    thread.start()
+    assert server.wait_started(10)
+    return thread
+
+
+def test_unix_and_ipv6_listeners(tmp_path: Any) -> None:
+    handler = Greeter()
+    path = str(tmp_path / "proxy.sock")
+    # Unix peers are trusted whatever the list says (the socket's permissions
+    # decide); an IPv6 peer is checked against the IPv6 networks.
+    server = pulse.Server(handler, proxy_protocol=True, proxy_protocol_trusted=["::1/128"])
+    server.listen("unix:" + path)
+    try:
+        port = server.listen(("::1", 0))[1]
+    except OSError:
+        port = 0  # no IPv6 loopback here
+    thread = _serve_in_thread(server)
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            sock.sendall(v2(unix=(b"/run/front.sock", b"/run/back.sock")) + b"u")
+            seen = greeting(sock, time.monotonic() + 10)
+            assert seen["remote"] == "/run/front.sock" and seen["local"] == "/run/back.sock"
+            assert seen["proxy"] == ""  # an unnamed Unix client
+            assert recv_exactly(sock, 1, time.monotonic() + 10) == b"u"
+        if port:
+            with socket.create_connection(("::1", port), timeout=10) as sock:
+                sock.sendall(v1(CLIENT, SERVICE))
+                assert greeting(sock, time.monotonic() + 10)["remote"] == CLIENT
+    finally:
+        server.stop()
+        thread.join(15)
+    assert not thread.is_alive()
+
+
+def test_trust_rules() -> None:
+    from pulse.proxy_gate import is_trusted, parse_networks
+    networks = parse_networks("10.0.0.0/8, 2001:db8::/32,")
+    assert networks is not None and len(networks) == 2
+    assert is_trusted(("10.1.2.3", 1), networks)
+    assert is_trusted(("::ffff:10.1.2.3", 1), networks)  # a dual-stack socket's IPv4 peer
+    assert is_trusted(("2001:db8::9%eth0", 1), networks)  # the zone is not part of it
+    assert not is_trusted(("11.0.0.1", 1), networks)
+    assert not is_trusted(("::1", 1), networks)
+    assert is_trusted("/run/balancer.sock", networks) and is_trusted(("1.1.1.1", 1), None)
