@@ -177,14 +177,20 @@ class ProxyParser:
         """Add ``data``; return ``NEED_MORE`` or the header, or raise ``ProxyProtocolError``."""
         if self.header is not None:
             raise ValueError("the PROXY header was already parsed; the rest is the client's")
-        buffer = self._buffer
-        buffer += data
-        result = parse(buffer, self.versions, self.max_v2_length)
+        # Most headers come whole in the first chunk: parse it where it is,
+        # and copy only what a header cut in pieces needs to keep.
+        source: Union[bytes, bytearray, memoryview] = data
+        if self._buffer:
+            self._buffer += data
+            source = self._buffer
+        result = parse(source, self.versions, self.max_v2_length)
         if result is NEED_MORE:
+            if source is data:
+                self._buffer = bytearray(data)
             return result
         assert isinstance(result, ProxyHeader)
         self.header = result
-        self.rest = bytes(buffer[result.length:])
+        self.rest = bytes(source[result.length:])
         self._buffer = bytearray()
         return result
 
