@@ -79,8 +79,8 @@ class Lifecycle(Outgoing):
         self._active = 0.0  # monotonic time of the last read or write (idle timeout)
         self._task: Any = None  # the task-mode runner's per-connection state (tasks.py)
         self._tls: Optional[Union["TLS", "ProxyGate"]] = None  # TLS, or a pending PROXY header
-        # An accepted connection still in its TLS handshake: the handler has
-        # not seen it, so its end runs no callback.
+        # An accepted connection still in its TLS handshake (or before its
+        # PROXY header): the handler has not seen it, so its end runs no callback.
         self._quiet = False
 
     def _want_eof(self) -> None:
