@@ -117,16 +117,17 @@ def test_ipv6_and_the_accepted_versions(versions: Any) -> None:
                     assert closed_by_server(sock)
 
 
-def test_a_header_in_pieces_and_a_large_payload_in_its_segment() -> None:
+@pytest.mark.parametrize("trigger,step", [("edge", 1), ("level", 7)])
+def test_a_header_in_pieces_and_a_large_payload_in_its_segment(trigger: str, step: int) -> None:
     handler = Greeter()
     payload = bytes(range(256)) * 1024  # 256 KiB, the first part in the header's segment
-    with ServerThread(handler, proxy_protocol=True) as server:
+    with ServerThread(handler, proxy_protocol=True, trigger=trigger) as server:
         for header in (v1(CLIENT, SERVICE), v2(CLIENT, SERVICE, [(0x02, b"example.org")] * 20)):
             with server.connect() as sock:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                for i in range(0, len(header) - 1, 7):  # cut every 7 bytes, sent apart
-                    sock.sendall(header[i:min(i + 7, len(header) - 1)])
-                    time.sleep(0.002)
+                for i in range(0, len(header) - 1, step):  # cut in pieces, sent apart
+                    sock.sendall(header[i:min(i + step, len(header) - 1)])
+                    time.sleep(0.001)
                 sock.sendall(header[-1:] + payload)
                 deadline = time.monotonic() + 20
                 assert greeting(sock, deadline)["remote"] == CLIENT
