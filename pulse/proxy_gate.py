@@ -109,8 +109,8 @@ class ProxyGate:
         an untrusted peer at once, else arm ``proxy_protocol_timeout``
         (``timeout`` is the TLS handshake's, which starts after the header)."""
         options = self._loop.options
-        peer = self._conn.remote_address
-        if not is_trusted(peer, options.proxy_protocol_trusted):
+        trusted = options.proxy_protocol_trusted
+        if trusted is not None and not is_trusted(self._conn.remote_address, trusted):
             self._refuse(PermissionError("the peer is not in proxy_protocol_trusted"))
             return
         limit = options.proxy_protocol_timeout

@@ -35,6 +35,7 @@ rather than after 107 bytes of garbage: the spec asks receivers to abort
 
 import enum
 import os
+import re
 import socket
 import struct
 from typing import List, Literal, NamedTuple, Optional, Tuple, Union
@@ -53,6 +54,16 @@ V2_HEADER = 16
 #: while every connection's pending header costs this much memory.
 MAX_V2_LENGTH = 4096
 
+# The whole-line fast path: one match for the usual case, a header that
+# came in one piece and is valid (the field-by-field checks below cost three
+# times as much, and are kept for partial lines and for precise errors).
+_OCTET = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = rb"(?:" + _OCTET + rb"\.){3}" + _OCTET
+_PORT = (rb"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}"
+         rb"|[1-9][0-9]{0,3}|0)")
+_IPV6_TEXT = rb"[0-9a-fA-F:.]{2,45}"  # then inet_pton decides
+_V1_LINE = re.compile(rb"PROXY (?:TCP4 (" + _IPV4 + rb") (" + _IPV4 + rb")|TCP6 (" + _IPV6_TEXT
+                      + rb") (" + _IPV6_TEXT + rb")) (" + _PORT + rb") (" + _PORT + rb")\r\n")
 _V1_PREFIX = b"PROXY "
 _V1_PROTOCOLS = (b"TCP4", b"TCP6", b"UNKNOWN")
 _V2_COMMANDS = {0: "LOCAL", 1: "PROXY"}
@@ -203,6 +214,21 @@ def _v1_error(what: str, line: bytes) -> ProxyProtocolError:
 
 
 def _parse_v1(data: bytes) -> Union[ProxyHeader, "Literal[_Need.MORE]"]:
+    match = _V1_LINE.match(data)
+    if match is not None:
+        four = match.group(1) is not None
+        try:
+            if four:
+                source, destination = match.group(1).decode(), match.group(2).decode()
+            else:
+                source = _host(match.group(3), socket.AF_INET6)
+                destination = _host(match.group(4), socket.AF_INET6)
+        except (OSError, ValueError):
+            pass  # not IPv6 after all: the checks below say what is wrong
+        else:
+            return ProxyHeader(1, "PROXY", socket.AF_INET if four else socket.AF_INET6,
+                               socket.SOCK_STREAM, (source, int(match.group(5))),
+                               (destination, int(match.group(6))), [], match.end())
     size = len(_V1_PREFIX)
     if not _V1_PREFIX.startswith(data[:size]):
         raise _v1_error("the line must start with 'PROXY '", data)

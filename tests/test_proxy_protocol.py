@@ -9,9 +9,10 @@ make it raise anything but ``ProxyProtocolError`` nor read past a header,
 and generated headers parse back to what was encoded.
 """
 
+import re
 import socket
 import struct
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import pytest
 from hypothesis import given, settings
@@ -307,3 +308,43 @@ def test_v2_unix_paths() -> None:
     assert isinstance(result, ProxyHeader)
     assert result.source == raw.decode() and result.destination == "/a"
     assert struct.unpack("!H", header[14:16])[0] == 216
+
+
+def _slow_parse(data: bytes) -> Any:
+    """``parse`` with the whole-line fast path (one regex) turned off."""
+    from pulse import proxy_protocol
+    fast = proxy_protocol._V1_LINE
+    proxy_protocol._V1_LINE = re.compile(b"(?!)")  # never matches
+    try:
+        return parse(data)
+    except ProxyProtocolError:
+        return "refused"
+    finally:
+        proxy_protocol._V1_LINE = fast
+
+
+def _outcome(data: bytes) -> Any:
+    try:
+        return parse(data)
+    except ProxyProtocolError:
+        return "refused"
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.sampled_from([b"PROXY TCP4 ", b"PROXY TCP6 ", b"PROXY TCP4 1.2.3.4 5.6.7.8 ",
+                        b"PROXY TCP6 ::1 ::2 "]),
+       st.lists(ALPHABET, max_size=60).map(bytes), st.sampled_from([b"", b"\r\n", b"\r\nx"]))
+def test_the_fast_path_agrees_with_the_field_checks(start: bytes, middle: bytes,
+                                                    end: bytes) -> None:
+    data = start + middle + end
+    assert _outcome(data) == _slow_parse(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.tuples(IPV4, IPV4), st.tuples(IPV6, IPV6)), PORTS, PORTS)
+def test_the_fast_path_takes_every_canonical_line(hosts: Tuple[str, str], sport: int,
+                                                  dport: int) -> None:
+    header = v1((hosts[0], sport), (hosts[1], dport))
+    from pulse import proxy_protocol
+    assert proxy_protocol._V1_LINE.match(header) is not None
+    assert _outcome(header) == _slow_parse(header)
