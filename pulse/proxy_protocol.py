@@ -22,8 +22,9 @@ The rules, from https://www.haproxy.org/download/2.8/doc/proxy-protocol.txt:
 - version 2 is binary: a 12-byte signature, version 2 and a command (LOCAL:
   a health check by the balancer itself, whose block is skipped unread, as
   the spec says; PROXY), a family and protocol byte, a 16-bit length, then
-  the addresses and TLVs (type-length-value extensions, returned raw;
-  PP2_TYPE_CRC32C is not verified).  ``max_v2_length`` caps that length;
+  the addresses and TLVs (type-length-value extensions, returned raw; a
+  PP2_TYPE_CRC32C one is verified, as the spec requires of a receiver that
+  can).  ``max_v2_length`` caps that length;
 - an UNKNOWN (v1) or UNSPEC (v2) header is valid and carries no address:
   the connection's real addresses stand.
 
@@ -67,6 +68,8 @@ _V1_LINE = re.compile(rb"PROXY (?:TCP4 (" + _IPV4 + rb") (" + _IPV4 + rb")|TCP6 
 _V1_PREFIX = b"PROXY "
 _V1_PROTOCOLS = (b"TCP4", b"TCP6", b"UNKNOWN")
 _V2_COMMANDS = {0: "LOCAL", 1: "PROXY"}
+#: The TLV type of a checksum of the whole header.
+PP2_TYPE_CRC32C = 0x03
 # v2 family nibble -> (socket family, bytes of the address block).
 _V2_FAMILIES = {0x1: (socket.AF_INET, 12), 0x2: (socket.AF_INET6, 36), 0x3: (socket.AF_UNIX, 216)}
 _V2_PROTOCOLS = {0x1: socket.SOCK_STREAM, 0x2: socket.SOCK_DGRAM}
@@ -387,6 +390,10 @@ def _parse_v2(data: bytes, max_length: int) -> Union[ProxyHeader, "Literal[_Need
     block = data[V2_HEADER:total]
     source, destination = _v2_addresses(sock_family, block)
     tlvs = _v2_tlvs(block[size:])
+    for kind, value in tlvs:
+        if kind == PP2_TYPE_CRC32C:
+            _check_crc32c(data[:total], value, size)
+            break  # (a second one would be the sender's bug: the first is checked)
     return ProxyHeader(2, command_name, sock_family, _V2_PROTOCOLS[protocol], source,
                        destination, tlvs, total)
 
@@ -409,6 +416,45 @@ def _unix_path(raw: bytes) -> str:
     if raw[:1] == b"\x00":
         return "\x00" + os.fsdecode(raw[1:].rstrip(b"\x00"))
     return os.fsdecode(raw.split(b"\x00", 1)[0])
+
+
+def _crc32c_table() -> Tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # Castagnoli, reflected
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """The CRC32c (Castagnoli, RFC 4960 appendix B) of ``data``."""
+    crc = 0xFFFFFFFF
+    table = _CRC32C
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _check_crc32c(header: bytes, value: bytes, address_size: int) -> None:
+    """Verify a PP2_TYPE_CRC32C TLV: the CRC32c of the whole header with the
+    TLV's value zeroed (spec section 2.2.3)."""
+    if len(value) != 4:
+        raise ProxyProtocolError("PROXY protocol v2: a CRC32C TLV of {} bytes (must be 4)".format(
+            len(value)))
+    # Where the value sits: found again by walking the TLVs (the first CRC one).
+    pos = V2_HEADER + address_size
+    while header[pos] != PP2_TYPE_CRC32C:
+        pos += 3 + ((header[pos + 1] << 8) | header[pos + 2])
+    zeroed = header[:pos + 3] + b"\x00\x00\x00\x00" + header[pos + 7:]
+    expected = struct.unpack("!I", value)[0]
+    if crc32c(zeroed) != expected:
+        raise ProxyProtocolError("PROXY protocol v2: the CRC32C TLV says 0x{:08x}, the header's "
+                                 "checksum is 0x{:08x}".format(expected, crc32c(zeroed)))
 
 
 def _v2_tlvs(data: bytes) -> List[Tuple[int, bytes]]:

@@ -19,12 +19,26 @@ def v1(source: Tuple[str, int], destination: Tuple[str, int]) -> bytes:
                                              destination[1]).encode("ascii")
 
 
+def crc32c(data: bytes) -> int:
+    """CRC32c bit by bit (RFC 4960 appendix B), unlike the library's table."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+    return crc ^ 0xFFFFFFFF
+
+
 def v2(source: Optional[Tuple[str, int]] = None, destination: Optional[Tuple[str, int]] = None,
        tlvs: Sequence[Tuple[int, bytes]] = (), command: int = 1, dgram: bool = False,
-       unix: Optional[Tuple[bytes, bytes]] = None) -> bytes:
+       unix: Optional[Tuple[bytes, bytes]] = None, checksum: bool = False) -> bytes:
     """A version 2 header: TCP (or ``dgram``: UDP) over the source host's family,
     AF_UNIX with ``unix`` (two raw paths), UNSPEC without addresses;
-    ``command`` 1 is PROXY, 0 LOCAL."""
+    ``command`` 1 is PROXY, 0 LOCAL; ``checksum`` appends a CRC32C TLV (0x03)."""
+    if checksum:
+        header = v2(source, destination, list(tlvs) + [(0x03, b"\x00" * 4)], command, dgram,
+                    unix)
+        return header[:-4] + struct.pack("!I", crc32c(header))
     protocol = 2 if dgram else 1
     if unix is not None:
         block = unix[0].ljust(108, b"\x00") + unix[1].ljust(108, b"\x00")

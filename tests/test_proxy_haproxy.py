@@ -3,7 +3,8 @@
 HAProxy (Debian's ``haproxy``; ``.ci/run`` installs it) listens on two
 127.0.0.1 ports in TCP mode and relays to one ``pulse serve --workers 2``,
 with ``send-proxy`` (version 1) on one and ``send-proxy-v2`` (with the
-CRC32C and unique-id TLVs) on the other.  The handler answers with the
+CRC32C and unique-id TLVs: the checksum is verified against a real sender's)
+on the other.  The handler answers with the
 ``remote_address`` it sees, which must be the client's own socket address,
 not HAProxy's.  Every process is killed in ``finally``; every wait is bounded.
 """

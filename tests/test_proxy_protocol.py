@@ -269,7 +269,9 @@ def test_random_bytes_behind_a_signature_never_crash(body: bytes) -> None:
 PORTS = st.integers(0, 65535)
 IPV4 = st.ip_addresses(v=4).map(str)
 IPV6 = st.ip_addresses(v=6).map(lambda a: socket.inet_ntop(INET6, a.packed))
-TLVS = st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=64)), max_size=6)
+# Any type but PP2_TYPE_CRC32C (0x03), whose value the parser checks.
+TLVS = st.lists(st.tuples(st.integers(0, 255).filter(lambda t: t != 0x03),
+                          st.binary(max_size=64)), max_size=6)
 
 
 @settings(max_examples=300, deadline=None)
@@ -348,3 +350,27 @@ def test_the_fast_path_takes_every_canonical_line(hosts: Tuple[str, str], sport:
     from pulse import proxy_protocol
     assert proxy_protocol._V1_LINE.match(header) is not None
     assert _outcome(header) == _slow_parse(header)
+
+
+def test_a_crc32c_tlv_is_verified() -> None:
+    from pulse.proxy_protocol import crc32c
+    assert crc32c(b"123456789") == 0xE3069283  # RFC 3720's check value
+    header = v2(("1.2.3.4", 1), ("5.6.7.8", 2), tlvs=[(0x05, b"id-1")], checksum=True)
+    result = parse(header)
+    assert isinstance(result, ProxyHeader) and [t for t, _ in result.tlvs] == [0x05, 0x03]
+    for cut in range(len(header)):
+        assert parse(header[:cut]) is NEED_MORE
+    # One bit flipped anywhere after the fixed part and the checksum no longer
+    # matches, except in the CRC TLV's own type (0x03 -> 0x02: no checksum).
+    crc_type = len(header) - 7
+    for position in range(16, len(header)):
+        if position == crc_type:
+            continue
+        broken = bytearray(header)
+        broken[position] ^= 0x01
+        with pytest.raises(ProxyProtocolError):
+            parse(bytes(broken))
+    with pytest.raises(ProxyProtocolError, match="the CRC32C TLV says 0x00000000"):
+        parse(v2(("1.2.3.4", 1), ("5.6.7.8", 2), tlvs=[(0x03, b"\x00" * 4)]))
+    with pytest.raises(ProxyProtocolError, match="CRC32C TLV of 3 bytes"):
+        parse(v2(("1.2.3.4", 1), ("5.6.7.8", 2), tlvs=[(0x03, b"abc")]))
