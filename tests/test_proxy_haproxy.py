@@ -35,6 +35,9 @@ import pulse
 
 class Origin(pulse.Handler):
     def on_open(self, conn):
+        if conn.proxy_header is not None and conn.proxy_header.command == "LOCAL":
+            with open(os.environ["ORIGIN_LOCAL_LOG"], "a") as log:
+                log.write("LOCAL from %s\\n" % (conn.remote_address,))
         seen = {"remote": conn.remote_address, "proxy": conn.proxy_address,
                 "tlv_types": [kind for kind, _ in conn.proxy_tlvs], "pid": os.getpid(),
                 "version": conn.proxy_header.version if conn.proxy_header else None}
@@ -67,6 +70,8 @@ backend pulse_v1
     server pulse 127.0.0.1:{pulse} send-proxy
 
 backend pulse_v2
+    # Health checks every 100 ms, each a LOCAL header (check-send-proxy).
+    default-server check check-send-proxy inter 100
     server pulse 127.0.0.1:{pulse} send-proxy-v2 proxy-v2-options crc32c,unique-id
 """
 
@@ -103,7 +108,8 @@ def relay(tmp_path: Path) -> Iterator[Dict[str, int]]:
     haproxy = None
     with Launched.serve(tmp_path, "--workers", "2", "--proxy-protocol", "origin_app:Origin",
                         "--bind", "127.0.0.1:{}".format(ports["pulse"]),
-                        "--proxy-protocol-trusted", "127.0.0.0/8") as pulse_serve:
+                        "--proxy-protocol-trusted", "127.0.0.0/8",
+                        env={"ORIGIN_LOCAL_LOG": str(tmp_path / "local.log")}) as pulse_serve:
         try:
             serving(pulse_serve, 2)
             check = subprocess.run(["haproxy", "-c", "-f", str(config)], capture_output=True,
@@ -143,6 +149,18 @@ def test_clients_through_haproxy_see_their_own_address(relay: Dict[str, int]) ->
             pids.add(seen["pid"])
     # 40 connections, each hashed to one of the two SO_REUSEPORT sockets.
     assert len(pids) == 2
+
+
+def test_haproxy_health_checks_send_local_headers(relay: Dict[str, int],
+                                                 tmp_path: Path) -> None:
+    time.sleep(0.5)  # a few checks: LOCAL headers, then HAProxy closes
+    seen = origin(relay["v2"])  # the server is still up, and serves
+    assert tuple(seen["remote"]) == seen["me"]
+    log = (tmp_path / "haproxy.log").read_text()
+    assert "DOWN" not in log, log
+    checks = (tmp_path / "local.log").read_text().splitlines()
+    # A LOCAL header keeps the socket's addresses: HAProxy's own, on 127.0.0.1.
+    assert checks and all(line.startswith("LOCAL from ('127.0.0.1', ") for line in checks)
 
 
 @pytest.mark.parametrize("argv,app,value", [
