@@ -15,7 +15,7 @@ runners and the connector call these methods; none of them sets a field.
 import errno
 import logging
 import socket
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
 
 from .backlog import Backlog
 from .deadlines import ConnTimers
@@ -27,6 +27,7 @@ from .timers import monotonic
 if TYPE_CHECKING:  # pragma: no cover
     from .handler import HandlerProtocol
     from .loop import EventLoop
+    from .proxy_gate import ProxyGate
     from .tls import TLS
 
 logger = logging.getLogger("pulse")
@@ -77,9 +78,9 @@ class Lifecycle(Outgoing):
         self._timers = ConnTimers(self, loop)
         self._active = 0.0  # monotonic time of the last read or write (idle timeout)
         self._task: Any = None  # the task-mode runner's per-connection state (tasks.py)
-        self._tls: Optional["TLS"] = None  # the TLS session (tls.py), if any
-        # An accepted connection still in its TLS handshake: the handler has
-        # not seen it, so its end runs no callback.
+        self._tls: Optional[Union["TLS", "ProxyGate"]] = None  # TLS, or a pending PROXY header
+        # An accepted connection still in its TLS handshake (or before its
+        # PROXY header): the handler has not seen it, so its end runs no callback.
         self._quiet = False
 
     def _want_eof(self) -> None:
