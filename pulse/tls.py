@@ -49,6 +49,13 @@ logger = logging.getLogger("pulse")
 # a 16 KiB record at a time costs a call each, and a buffer allocated per
 # call is the 256 KiB malloc per read that asyncio's users measured.
 READ_BUFFER_SIZE = 256 * 1024
+# While the incoming BIO holds at most one record (16 KiB of plaintext plus
+# at most 256 bytes of expansion), its plaintext, never larger, is read
+# straight into the bytes object on_data gets, sized by it: no copy out of
+# the buffer (16 KiB x 50 echo: 0.93x and 0.99x the server CPU of the
+# buffered read in two runs, within their spread), the same one on_data
+# per read.  More than a record goes through the buffer, delivered at once.
+DIRECT_READ_MAX = 16 * 1024 + 256
 # A large write is encrypted this much at a time, so that its ciphertext
 # reaches the socket (or the backlog) in pieces instead of one more copy of
 # the whole payload in the outgoing BIO.
@@ -258,9 +265,15 @@ class TLS:
         got = 0
         eof = False
         while True:
+            want = 0 if got or zero_copy else incoming.pending + obj.pending()
             try:
-                # (typeshed allows a bytearray only; a memoryview works, at an offset)
-                count: int = obj.read(room - got, view[got:])  # type: ignore[arg-type,assignment]
+                if 0 < want <= DIRECT_READ_MAX:
+                    data = obj.read(want)
+                    count = len(data)
+                else:
+                    data = None
+                    # (typeshed allows a bytearray only; a memoryview works, at an offset)
+                    count = obj.read(room - got, view[got:])  # type: ignore[arg-type,assignment]
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -275,10 +288,14 @@ class TLS:
             if not count:
                 eof = not self._eof_fed  # 0 before the FIN: close_notify (PyPy says it so)
                 break
-            got += count
-            if got == room:
-                self._deliver(conn, view, got, zero_copy)
-                got = 0
+            if data is not None:
+                if conn._state == OPEN and not conn._close_called:  # no on_data after close()
+                    conn._deliver(data)
+            else:
+                got += count
+                if got == room:
+                    self._deliver(conn, view, got, zero_copy)
+                    got = 0
             if not incoming.pending and not obj.pending():
                 break  # all read: skip the read that would raise SSLWantReadError
         if got:
