@@ -426,10 +426,12 @@ class Lifecycle(Outgoing):
         try:
             self._handler.on_close(self, err)
         except Exception:  # noqa: BLE001
+            self._loop.call_soon_threadsafe(self._loop._callback_error)  # maybe a worker's
             logger.exception("pulse: on_close raised on %r", self)
 
     def _callback_failed(self, name: str, exc: BaseException) -> None:
         """A callback raised: log it and close this connection only."""
+        self._loop._callback_error()
         logger.error("pulse: %s raised on %r; closing the connection", name, self,
                      exc_info=(type(exc), exc, exc.__traceback__))
         self._fail(exc)
