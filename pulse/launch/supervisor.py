@@ -340,8 +340,8 @@ def serve(handler: Any, address: Any = None, *, workers: Union[int, str] = 1,
     listening fds (``--fd``, systemd); ``workers`` a number or ``"auto"`` (one
     per core).  Other keywords are ``Server`` options; ``graceful_timeout``
     sets ``shutdown_timeout``, the time a stopping worker gives its
-    connections.  ``stats_interval`` logs each worker's connections, bytes,
-    CPU and RSS every so many seconds.  ``reuse_port`` (default: on Linux)
+    connections.  ``stats_interval`` logs each worker's ``stats()``, CPU
+    and RSS every so many seconds, one line.  ``reuse_port`` (default: on Linux)
     gives each worker its own ``SO_REUSEPORT`` socket instead of one shared.
     ``ssl`` serves TLS: a server-side ``ssl.SSLContext``, or a function
     returning one (``functools.partial(pulse.server_context, "cert.pem")``),
