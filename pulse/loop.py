@@ -64,8 +64,9 @@ class EventLoop(Stopping, DirectReads, LoopStats):
     the write batch.  ``run()`` blocks in the calling thread until ``stop()``.
 
     Most users never touch it directly: ``Server`` creates one.  Safe from
-    any thread: ``call_soon_threadsafe``, ``call_later``, ``call_at``,
-    ``stop``, ``dial`` and ``register``; the rest belongs to the loop's thread.
+    any thread: ``call_soon_threadsafe``, ``call_later``, ``call_at``, ``stop``,
+    ``dial``, ``register`` and ``stats`` (``LoopStats``, ``stats.py``); the rest
+    belongs to the loop's thread.
     """
 
     def __init__(self, options: Optional[Options] = None) -> None:
