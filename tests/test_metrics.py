@@ -449,3 +449,40 @@ def no_child_left() -> Iterator[None]:
     for proc in left:
         proc.kill()
     raise AssertionError("processes left behind: {}".format(left))
+
+
+def test_endpoint_in_process_answers_500_when_rendering_fails_and_goes_on() -> None:
+    import selectors
+    from pulse.launch.endpoint import MetricsEndpoint
+    broken = [True]
+
+    def render() -> str:
+        if broken[0]:
+            raise RuntimeError("a bug")
+        return "pulse_up 1\n"
+
+    selector = selectors.DefaultSelector()
+    endpoint = MetricsEndpoint(("127.0.0.1", 0), render, "text/plain; version=0.0.4")
+    endpoint.open(selector)
+    port = endpoint.address[1]
+    done = threading.Event()
+
+    def drive() -> None:  # what the supervisor's select loop does
+        while not done.is_set():
+            for key, events in selector.select(0.05):
+                key.data(events)
+            endpoint.expire(time.monotonic())
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    try:
+        assert http_get(port)[0] == 500
+        broken[0] = False
+        status, headers, body = http_get(port)
+        assert (status, body) == (200, "pulse_up 1\n")
+        assert headers["connection"] == "close"
+    finally:
+        done.set()
+        driver.join(10)
+        endpoint.close()
+        selector.close()

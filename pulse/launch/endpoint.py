@@ -13,8 +13,8 @@ stops the workers, so nothing here may block or grow without bound:
 - one response per connection, then close (``Connection: close``): a
   scraper connects once per scrape anyway.
 
-``GET /metrics`` (or ``HEAD``) answers 200 with ``render()``; anything else
-is 404.
+``GET /metrics`` (or ``HEAD``) answers 200 with ``render()`` (500 if that
+raises: the supervisor logs it and goes on); anything else is 404.
 """
 
 import contextlib
@@ -38,7 +38,7 @@ MAX_CLIENTS = 32
 ACCEPT_BURST = 16
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found",
-            431: "Request Header Fields Too Large"}
+            431: "Request Header Fields Too Large", 500: "Internal Server Error"}
 
 
 class _Client:
@@ -153,7 +153,12 @@ class MetricsEndpoint:
             return 400, b"bad request\n", True
         method, target = parts[0], parts[1].split(b"?", 1)[0]
         if method in (b"GET", b"HEAD") and target == b"/metrics":
-            return 200, self._render().encode("utf-8"), method == b"GET"
+            try:
+                text = self._render()
+            except Exception:  # noqa: BLE001 - a bug here must not take the supervisor down
+                logger.exception("pulse: metrics endpoint: rendering the metrics failed")
+                return 500, b"rendering the metrics failed; see the log\n", True
+            return 200, text.encode("utf-8"), method == b"GET"
         return 404, b"not found; try GET /metrics\n", method != b"HEAD"
 
     def _respond(self, client: _Client, status: int, body: bytes, send_body: bool = True) -> None:

@@ -90,6 +90,8 @@ class MetricsBoard:
             stats = Stats.from_dict(json.loads(text))
         except (ValueError, TypeError):
             return
+        if not all(isinstance(v, (int, float)) for v in stats.as_dict().values()):
+            return  # rendered as numbers: nothing else gets in
         now = time.monotonic()
         known = self._live.get(pid)
         if known is None:
