@@ -335,6 +335,24 @@ def test_metrics_endpoint_counts_the_traffic_of_every_worker(app_dir: Path) -> N
         assert total(samples, "pulse_bytes_received_total") == connections * size + 17
 
 
+def test_metrics_stay_exact_over_a_reload(app_dir: Path) -> None:
+    with Served(app_dir) as srv:
+        srv.wait_log("1 worker serving")
+        for i in range(10):
+            exchange(("127.0.0.1", srv.port), b"%d" % i)
+        # At once, most likely before the next periodic report: the old
+        # worker's counts then reach the supervisor in its final report.
+        srv.proc.send_signal(signal.SIGHUP)
+        srv.wait_log("reload done")
+        wait_for(lambda: len(srv.workers()) == 1, 15, "the old worker gone")
+        exchange(("127.0.0.1", srv.port), b"new")
+        samples = wait_scrape(srv.metrics_port,
+                              lambda s: total(s, "pulse_connections_closed_total") == 11)
+        assert total(samples, "pulse_connections_accepted_total") == 11
+        assert total(samples, "pulse_bytes_received_total") == 10 + 3
+        assert per_worker(samples, "pulse_bytes_sent_total") == {"1": 2 * 13}
+
+
 def test_metrics_endpoint_answers_404_and_survives_slow_and_garbage_clients(
         app_dir: Path) -> None:
     with Served(app_dir) as srv:
