@@ -138,7 +138,7 @@ class LoopStats:
     def stats(self) -> Stats:
         """A snapshot of this loop's counters; safe from any thread (see the
         module docstring: a running loop's may be slightly stale).  It walks
-        the open connections, so it costs about a microsecond each."""
+        the open connections: about 0.1 us each (3000 took 0.28 ms)."""
         poll = self._poll_seconds  # one read: a consistent value
         running, now = self._running, perf_counter()
         if poll < 0:
