@@ -15,6 +15,11 @@
  *   --idle          open --conns connections, echo one message on each, then
  *                   hold them open until stdin closes or --duration passes.
  *
+ * --tls (echo and connect-rate modes) speaks TLS on every connection; it needs
+ * a build with OpenSSL: cc -O2 -DLOADGEN_TLS loadgen.c -lssl -lcrypto. In the
+ * echo modes all connections finish their handshake before the clock starts;
+ * with --connect-rate every cycle is a full handshake (no session resumption).
+ *
  * Message content is a window into a fixed pseudo-random pattern whose offset
  * depends on the connection and message sequence number, so every message
  * differs from its neighbours: lost, duplicated, reordered, cross-connection
@@ -48,6 +53,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#ifdef LOADGEN_TLS
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#endif
+
 #define EXIT_USAGE 2
 #define EXIT_MISMATCH 3
 #define EXIT_CLOSED 4
@@ -79,7 +90,9 @@ static struct {
     double stall_timeout;
     double connect_timeout;
     int busy_poll;
-} opt = {"127.0.0.1", 0, 1, 64, 5.0, 1, 1.0, 0, 0, 0, 1000000000ull, 10.0, 10.0, 0};
+    int tls;
+    const char *cafile;
+} opt = {"127.0.0.1", 0, 1, 64, 5.0, 1, 1.0, 0, 0, 0, 1000000000ull, 10.0, 10.0, 0, 0, NULL};
 
 static struct sockaddr_in server_addr;
 static uint8_t *pattern;
@@ -290,6 +303,144 @@ static int connect_blocking(int index)
     return fd;
 }
 
+/* ---------------------------------------------------------------------- tls */
+/* --tls: a non-blocking OpenSSL client on the same sockets. The server's
+ * certificate is only verified with --cafile: this is a load tool talking to
+ * a server on loopback that the runner started with a certificate it made
+ * itself, and verification changes only the load generator's own CPU time.
+ * Every connection gets a fresh SSL from a context without a session cache
+ * or tickets, so every handshake is a full one.
+ *
+ * tls_read/tls_write/tls_connect return the bytes moved (> 0; 1 for a
+ * finished handshake), TLS_WANT_READ or TLS_WANT_WRITE (the socket would
+ * block: wait for its next event), or TLS_DEAD (closed or failed; tls_why
+ * says how). Sockets are registered for EPOLLIN and EPOLLOUT edge-triggered,
+ * so whichever of the two OpenSSL waits for raises the next event. */
+
+enum { TLS_WANT_READ = -1, TLS_WANT_WRITE = -2, TLS_DEAD = -3 };
+static char tls_why[256];
+
+#ifdef LOADGEN_TLS
+static SSL_CTX *tls_ctx;
+
+static void tls_init(void)
+{
+    tls_ctx = SSL_CTX_new(TLS_client_method());
+    if (!tls_ctx)
+        die(1, "SSL_CTX_new failed: %s", ERR_error_string(ERR_get_error(), NULL));
+    SSL_CTX_set_min_proto_version(tls_ctx, TLS1_2_VERSION);
+    SSL_CTX_set_options(tls_ctx, SSL_OP_NO_TICKET);
+    SSL_CTX_set_session_cache_mode(tls_ctx, SSL_SESS_CACHE_OFF);
+    /* A write may return after some records (like a short send), and a retry
+     * after WANT_WRITE may pass a different pointer to the same bytes. */
+    SSL_CTX_set_mode(tls_ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    if (opt.cafile) {
+        if (SSL_CTX_load_verify_locations(tls_ctx, opt.cafile, NULL) != 1)
+            die(EXIT_USAGE, "--cafile %s: %s", opt.cafile, ERR_error_string(ERR_get_error(), NULL));
+        SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_PEER, NULL);
+        X509_VERIFY_PARAM_set1_ip_asc(SSL_CTX_get0_param(tls_ctx), opt.host);
+    } else {
+        SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, NULL);
+    }
+}
+
+static SSL *tls_new(int fd)
+{
+    SSL *ssl = SSL_new(tls_ctx);
+    if (!ssl || SSL_set_fd(ssl, fd) != 1)
+        die(1, "SSL_new/SSL_set_fd failed: %s", ERR_error_string(ERR_get_error(), NULL));
+    SSL_set_connect_state(ssl);
+    return ssl;
+}
+
+static int tls_result(SSL *ssl, int rc)
+{
+    if (rc > 0)
+        return rc;
+    int err = SSL_get_error(ssl, rc);
+    switch (err) {
+    case SSL_ERROR_WANT_READ:
+        return TLS_WANT_READ;
+    case SSL_ERROR_WANT_WRITE:
+        return TLS_WANT_WRITE;
+    case SSL_ERROR_ZERO_RETURN:
+        snprintf(tls_why, sizeof tls_why, "the server sent close_notify");
+        break;
+    default:
+        if (err == SSL_ERROR_SYSCALL && ERR_peek_error() == 0) /* no OpenSSL reason queued */
+            snprintf(tls_why, sizeof tls_why, "%s", errno ? strerror(errno) : "connection closed");
+        else
+            ERR_error_string_n(ERR_get_error(), tls_why, sizeof tls_why);
+        break;
+    }
+    ERR_clear_error();
+    return TLS_DEAD;
+}
+
+static int tls_connect(SSL *ssl)
+{
+    errno = 0;
+    return tls_result(ssl, SSL_connect(ssl));
+}
+
+static int tls_read(SSL *ssl, void *buf, size_t len)
+{
+    errno = 0;
+    return tls_result(ssl, SSL_read(ssl, buf, (int)len));
+}
+
+static int tls_write(SSL *ssl, const void *buf, size_t len)
+{
+    errno = 0;
+    return tls_result(ssl, SSL_write(ssl, buf, (int)len));
+}
+
+/* Send close_notify (without waiting for the server's) and free. */
+static void tls_close(SSL *ssl)
+{
+    SSL_shutdown(ssl);
+    ERR_clear_error();
+    SSL_free(ssl);
+}
+#else /* built without OpenSSL: main() refuses --tls, so only tls_init runs */
+typedef struct ssl_st SSL;
+
+static void tls_init(void)
+{
+    die(EXIT_USAGE, "--tls: this load generator was built without TLS support; rebuild it with "
+                    "-DLOADGEN_TLS ... -lssl -lcrypto (needs the OpenSSL headers, e.g. libssl-dev)");
+}
+
+static SSL *tls_new(int fd)
+{
+    (void)fd;
+    return NULL;
+}
+
+static int tls_connect(SSL *ssl)
+{
+    (void)ssl;
+    return TLS_DEAD;
+}
+
+static int tls_read(SSL *ssl, void *buf, size_t len)
+{
+    (void)ssl, (void)buf, (void)len;
+    return TLS_DEAD;
+}
+
+static int tls_write(SSL *ssl, const void *buf, size_t len)
+{
+    (void)ssl, (void)buf, (void)len;
+    return TLS_DEAD;
+}
+
+static void tls_close(SSL *ssl)
+{
+    (void)ssl;
+}
+#endif
+
 /* ---------------------------------------------------------- echo/ping-pong */
 
 typedef struct {
@@ -303,6 +454,8 @@ typedef struct {
     uint64_t bytes_out;
     uint64_t bytes_in;
     uint64_t *t_issue;   /* issue time per window slot (depth entries) */
+    SSL *ssl;            /* --tls, else NULL */
+    int read_wants_write; /* --tls: SSL_read waits for EPOLLOUT */
 } conn_t;
 
 static struct {
@@ -322,6 +475,14 @@ static void conn_closed_early(conn_t *c, const char *how, int err)
         c->id, how, c->recvd, c->bytes_out, c->bytes_in, err ? ": " : "", err ? strerror(err) : "");
 }
 
+/* Fatal TLS error on connection c, in step `op` (the reason is in tls_why). */
+static void conn_tls_dead(conn_t *c, const char *op)
+{
+    char how[320];
+    snprintf(how, sizeof how, "failed on TLS %s (%s)", op, tls_why);
+    conn_closed_early(c, how, 0);
+}
+
 static inline void conn_issue(conn_t *c, uint64_t now)
 {
     c->t_issue[c->issued % (uint64_t)opt.depth] = now;
@@ -329,8 +490,43 @@ static inline void conn_issue(conn_t *c, uint64_t now)
     st.issued_total++;
 }
 
+/* Account for w more bytes written: advance sent/send_off message by message. */
+static void conn_wrote(conn_t *c, uint64_t w)
+{
+    c->bytes_out += w;
+    while (w > 0) {
+        uint32_t rem = opt.size - c->send_off;
+        if (w >= rem) {
+            w -= rem;
+            c->sent++;
+            c->send_off = 0;
+        } else {
+            c->send_off += (uint32_t)w;
+            w = 0;
+        }
+    }
+}
+
+/* TLS: one SSL_write per message (its unsent rest); after WANT_WRITE the
+ * next event retries the same write. */
+static void conn_flush_tls(conn_t *c)
+{
+    while (c->sent < c->issued) {
+        int w = tls_write(c->ssl, msg_ptr(c->id, c->sent) + c->send_off, opt.size - c->send_off);
+        if (w == TLS_WANT_WRITE || w == TLS_WANT_READ)
+            return;
+        if (w == TLS_DEAD)
+            conn_tls_dead(c, "write");
+        conn_wrote(c, (uint64_t)w);
+    }
+}
+
 static void conn_flush(conn_t *c)
 {
+    if (c->ssl) {
+        conn_flush_tls(c);
+        return;
+    }
     while (c->sent < c->issued) {
         struct iovec iov[MAX_IOV];
         int n = 0;
@@ -351,19 +547,7 @@ static void conn_flush(conn_t *c)
                 continue;
             conn_closed_early(c, "failed on write", errno);
         }
-        c->bytes_out += (uint64_t)w;
-        uint64_t left = (uint64_t)w;
-        while (left > 0) {
-            uint32_t rem = opt.size - c->send_off;
-            if (left >= rem) {
-                left -= rem;
-                c->sent++;
-                c->send_off = 0;
-            } else {
-                c->send_off += (uint32_t)left;
-                left = 0;
-            }
-        }
+        conn_wrote(c, (uint64_t)w);
     }
 }
 
@@ -403,8 +587,34 @@ static void conn_consume(conn_t *c, const uint8_t *buf, size_t n)
     }
 }
 
+/* TLS: SSL_read returns at most one record, so read until OpenSSL says the
+ * socket is drained (WANT_READ); the next EPOLLIN edge brings more. */
+static void conn_readable_tls(conn_t *c)
+{
+    c->read_wants_write = 0;
+    for (;;) {
+        int r = tls_read(c->ssl, scratch, sizeof scratch);
+        if (r > 0) {
+            conn_consume(c, scratch, (size_t)r);
+            continue;
+        }
+        if (r == TLS_WANT_READ)
+            break;
+        if (r == TLS_WANT_WRITE) {
+            c->read_wants_write = 1;
+            break;
+        }
+        conn_tls_dead(c, "read");
+    }
+    conn_flush(c);
+}
+
 static void conn_readable(conn_t *c, uint32_t events)
 {
+    if (c->ssl) {
+        conn_readable_tls(c);
+        return;
+    }
     for (;;) {
         ssize_t r = read(c->fd, scratch, sizeof scratch);
         if (r > 0) {
@@ -432,9 +642,9 @@ static void print_result(const char *mode, uint64_t requests, double seconds, ui
     double rate = seconds > 0 ? (double)requests / seconds : 0.0;
     printf("{\"mode\":\"%s\",\"requests\":%" PRIu64 ",\"seconds\":%.6f,\"rps\":%.1f,"
            "\"p50_us\":%.2f,\"p99_us\":%.2f,\"bytes\":%" PRIu64 ",\"conns\":%d,\"size\":%u,"
-           "\"pipeline\":%d%s}\n",
+           "\"pipeline\":%d,\"tls\":%d%s}\n",
            mode, requests, seconds, rate, hist_percentile_us(0.50), hist_percentile_us(0.99), bytes,
-           opt.conns, opt.size, opt.depth, extra ? extra : "");
+           opt.conns, opt.size, opt.depth, opt.tls, extra ? extra : "");
     fflush(stdout);
 }
 
@@ -569,8 +779,52 @@ static void conn_event(void *ptr, uint32_t e)
     conn_t *c = ptr;
     if (e & EPOLLOUT)
         conn_flush(c);
-    if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+    if ((e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) || (c->read_wants_write && (e & EPOLLOUT)))
         conn_readable(c, e);
+}
+
+/* One step of connection c's TLS handshake: 1 once it is done, 0 while it
+ * waits for the socket. */
+static int conn_handshake(conn_t *c)
+{
+    int r = tls_connect(c->ssl);
+    if (r == TLS_WANT_READ || r == TLS_WANT_WRITE)
+        return 0;
+    if (r == TLS_DEAD)
+        conn_tls_dead(c, "handshake");
+    return 1;
+}
+
+/* --tls: handshake every connection, all at once, before the clock starts. */
+static void conn_handshake_all(int ep, conn_t *conns)
+{
+    int pending = 0;
+    char *done = calloc((size_t)opt.conns, 1);
+    if (!done)
+        die(1, "out of memory");
+    for (int i = 0; i < opt.conns; i++) {
+        conns[i].ssl = tls_new(conns[i].fd);
+        done[i] = (char)conn_handshake(&conns[i]);
+        pending += !done[i];
+    }
+    uint64_t deadline = now_ns() + (uint64_t)(opt.connect_timeout * 1e9);
+    struct epoll_event events[MAX_EVENTS];
+    while (pending > 0) {
+        if (now_ns() > deadline)
+            die(EXIT_STALL, "%d of %d TLS handshakes not done within %.1f s", pending, opt.conns,
+                opt.connect_timeout);
+        int n = epoll_wait(ep, events, MAX_EVENTS, 100);
+        if (n < 0 && errno != EINTR)
+            die(1, "epoll_wait: %s", strerror(errno));
+        for (int i = 0; i < n; i++) {
+            conn_t *c = events[i].data.ptr;
+            if (!done[c->id] && conn_handshake(c)) {
+                done[c->id] = 1;
+                pending--;
+            }
+        }
+    }
+    free(done);
 }
 
 static void run_echo(void)
@@ -594,6 +848,8 @@ static void run_echo(void)
         if (epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev) < 0)
             die(1, "epoll_ctl: %s", strerror(errno));
     }
+    if (opt.tls)
+        conn_handshake_all(ep, conns);
 
     window_t w = window_begin();
     for (int i = 0; i < opt.conns; i++) {
@@ -606,8 +862,11 @@ static void run_echo(void)
     uint64_t reqs;
     run_loop(&mode, &w, &seconds, &reqs);
     print_result(opt.depth > 1 ? "pipeline" : "pingpong", reqs, seconds, reqs * (uint64_t)opt.size, NULL);
-    for (int i = 0; i < opt.conns; i++)
+    for (int i = 0; i < opt.conns; i++) {
+        if (conns[i].ssl)
+            tls_close(conns[i].ssl);
         close(conns[i].fd);
+    }
     close(ep);
     free(times);
     free(conns);
@@ -615,10 +874,12 @@ static void run_echo(void)
 
 /* ------------------------------------------------------------- connect rate */
 
-enum { SLOT_IDLE, SLOT_CONNECTING, SLOT_ECHOING };
+enum { SLOT_IDLE, SLOT_CONNECTING, SLOT_HANDSHAKING, SLOT_ECHOING };
+static const char *const slot_state_names[] = {"idle", "connect", "TLS handshake", "echo"};
 
 typedef struct {
     int fd;
+    SSL *ssl; /* --tls, else NULL */
     int state;
     uint32_t id;
     uint64_t seq;
@@ -661,10 +922,27 @@ static void slot_fail(slot_t *s, const char *what, int err)
         err ? ": " : "", err ? strerror(err) : "");
 }
 
+static void slot_tls_dead(slot_t *s, const char *op)
+{
+    char how[320];
+    snprintf(how, sizeof how, "failed on TLS %s (%s)", op, tls_why);
+    slot_fail(s, how, 0);
+}
+
 static void slot_send(slot_t *s)
 {
     while (s->send_off < opt.size) {
-        ssize_t w = send(s->fd, msg_ptr(s->id, s->seq) + s->send_off, opt.size - s->send_off, MSG_NOSIGNAL);
+        const uint8_t *m = msg_ptr(s->id, s->seq) + s->send_off;
+        if (s->ssl) {
+            int w = tls_write(s->ssl, m, opt.size - s->send_off);
+            if (w == TLS_WANT_WRITE || w == TLS_WANT_READ)
+                return;
+            if (w == TLS_DEAD)
+                slot_tls_dead(s, "write");
+            s->send_off += (uint32_t)w;
+            continue;
+        }
+        ssize_t w = send(s->fd, m, opt.size - s->send_off, MSG_NOSIGNAL);
         if (w < 0) {
             if (errno == EAGAIN)
                 return;
@@ -673,6 +951,31 @@ static void slot_send(slot_t *s)
             slot_fail(s, "failed on send", errno);
         }
         s->send_off += (uint32_t)w;
+    }
+}
+
+/* Read what the socket has into scratch: the byte count, or 0 when it
+ * would block; a close or an error before the echo completed is fatal. */
+static size_t slot_recv(slot_t *s)
+{
+    for (;;) {
+        if (s->ssl) {
+            int r = tls_read(s->ssl, scratch, sizeof scratch);
+            if (r > 0)
+                return (size_t)r;
+            if (r == TLS_WANT_READ || r == TLS_WANT_WRITE)
+                return 0;
+            slot_tls_dead(s, "read");
+        }
+        ssize_t r = read(s->fd, scratch, sizeof scratch);
+        if (r > 0)
+            return (size_t)r;
+        if (r == 0)
+            slot_fail(s, "was closed by the server before the echo completed", 0);
+        if (errno == EAGAIN)
+            return 0;
+        if (errno != EINTR)
+            slot_fail(s, "failed on read", errno);
     }
 }
 
@@ -690,37 +993,44 @@ static void slot_event(void *ptr, uint32_t e)
                 die(1, "connect(): out of local ports (TIME_WAIT); set net.ipv4.tcp_tw_reuse=1");
             slot_fail(s, "failed to connect", err);
         }
+        if (!opt.tls) {
+            s->state = SLOT_ECHOING;
+            slot_send(s);
+            return; /* the echo arrives as a later EPOLLIN edge */
+        }
+        s->ssl = tls_new(s->fd);
+        s->state = SLOT_HANDSHAKING;
+    }
+    if (s->state == SLOT_HANDSHAKING) {
+        int r = tls_connect(s->ssl);
+        if (r == TLS_WANT_READ || r == TLS_WANT_WRITE)
+            return; /* retried on the socket's next event */
+        if (r == TLS_DEAD)
+            slot_tls_dead(s, "handshake");
         s->state = SLOT_ECHOING;
         slot_send(s);
-        return; /* the echo arrives as a later EPOLLIN edge */
+        return;
     }
     if (e & EPOLLOUT)
         slot_send(s);
-    if (!(e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+    /* With TLS, any event may be the one a read waiting on WANT_WRITE needs. */
+    if (!(e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) && !s->ssl)
         return;
     for (;;) {
-        ssize_t r = read(s->fd, scratch, sizeof scratch);
-        if (r > 0) {
-            if ((uint32_t)r + s->recv_off > s->send_off) {
-                fflush(stdout);
-                fprintf(stderr, "loadgen: error: connect-rate slot %u received more bytes than it sent\n", s->id);
-                exit(EXIT_MISMATCH);
-            }
-            const uint8_t *exp = msg_ptr(s->id, s->seq) + s->recv_off;
-            if (memcmp(scratch, exp, (size_t)r) != 0)
-                report_mismatch(s->id, s->seq, s->recv_off, scratch, exp, (size_t)r);
-            s->recv_off += (uint32_t)r;
-            if (s->recv_off == opt.size)
-                break;
-            continue;
-        }
+        size_t r = slot_recv(s);
         if (r == 0)
-            slot_fail(s, "was closed by the server before the echo completed", 0);
-        if (errno == EAGAIN)
             return;
-        if (errno == EINTR)
-            continue;
-        slot_fail(s, "failed on read", errno);
+        if ((uint32_t)r + s->recv_off > s->send_off) {
+            fflush(stdout);
+            fprintf(stderr, "loadgen: error: connect-rate slot %u received more bytes than it sent\n", s->id);
+            exit(EXIT_MISMATCH);
+        }
+        const uint8_t *exp = msg_ptr(s->id, s->seq) + s->recv_off;
+        if (memcmp(scratch, exp, r) != 0)
+            report_mismatch(s->id, s->seq, s->recv_off, scratch, exp, r);
+        s->recv_off += (uint32_t)r;
+        if (s->recv_off == opt.size)
+            break;
     }
     /* Full echo: count it, close, and start the next cycle. */
     uint64_t t = now_ns();
@@ -730,6 +1040,10 @@ static void slot_event(void *ptr, uint32_t e)
     }
     st.completed++;
     st.last_progress = t;
+    if (s->ssl) {
+        tls_close(s->ssl);
+        s->ssl = NULL;
+    }
     close(s->fd);
     s->fd = -1;
     s->state = SLOT_IDLE;
@@ -746,7 +1060,7 @@ static void check_slots_stall(void *items, uint64_t now)
         slot_t *s = &slots[i];
         if (s->state != SLOT_IDLE && now - s->t0 > limit)
             die(EXIT_STALL, "connect-rate slot %u, cycle %" PRIu64 ": %s not done within %.1f s (%u of %u bytes echoed)",
-                s->id, s->seq, s->state == SLOT_CONNECTING ? "connect" : "echo", opt.stall_timeout,
+                s->id, s->seq, slot_state_names[s->state], opt.stall_timeout,
                 s->recv_off, opt.size);
     }
 }
@@ -773,9 +1087,12 @@ static void run_connect_rate(void)
     snprintf(extra, sizeof extra, ",\"connections\":%" PRIu64 ",\"cps\":%.1f", reqs,
              seconds > 0 ? (double)reqs / seconds : 0.0);
     print_result("connect", reqs, seconds, reqs * (uint64_t)opt.size, extra);
-    for (int i = 0; i < opt.conns; i++)
+    for (int i = 0; i < opt.conns; i++) {
+        if (slots[i].ssl)
+            tls_close(slots[i].ssl);
         if (slots[i].fd >= 0)
             close(slots[i].fd);
+    }
     close(cr_ep);
     free(slots);
 }
@@ -859,6 +1176,7 @@ static void usage(FILE *f)
             "               [--duration SECONDS] [--warmup SECONDS] [--pipeline DEPTH]\n"
             "               [--connect-rate | --idle] [--markers] [--max-requests N]\n"
             "               [--stall-timeout SECONDS] [--connect-timeout SECONDS] [--busy-poll]\n"
+            "               [--tls [--cafile PEM]]\n"
             "Prints one JSON line: requests, seconds, rps, p50_us, p99_us, bytes.\n");
 }
 
@@ -903,6 +1221,8 @@ int main(int argc, char **argv)
         {"stall-timeout", required_argument, 0, 'S'},
         {"connect-timeout", required_argument, 0, 'T'},
         {"busy-poll", no_argument, 0, 'B'},
+        {"tls", no_argument, 0, 't'},
+        {"cafile", required_argument, 0, 'A'},
         {"help", no_argument, 0, 'H'},
         {0, 0, 0, 0},
     };
@@ -920,6 +1240,8 @@ int main(int argc, char **argv)
         case 'I': opt.idle = 1; break;
         case 'm': opt.markers = 1; break;
         case 'B': opt.busy_poll = 1; break;
+        case 't': opt.tls = 1; break;
+        case 'A': opt.cafile = optarg; break;
         case 'n': opt.max_requests = (uint64_t)parse_int("max-requests", optarg, 1, (long long)4e18); break;
         case 'S': opt.stall_timeout = parse_double("stall-timeout", optarg, 0.1, MAX_DURATION); break;
         case 'T': opt.connect_timeout = parse_double("connect-timeout", optarg, 0.1, 600); break;
@@ -933,6 +1255,10 @@ int main(int argc, char **argv)
     }
     if (opt.connect_rate && opt.idle)
         die(EXIT_USAGE, "--connect-rate and --idle are exclusive");
+    if (opt.tls && opt.idle)
+        die(EXIT_USAGE, "--tls works with the echo and --connect-rate modes, not --idle");
+    if (opt.cafile && !opt.tls)
+        die(EXIT_USAGE, "--cafile needs --tls");
     memset(&server_addr, 0, sizeof server_addr);
     server_addr.sin_family = AF_INET;
     server_addr.sin_port = htons((uint16_t)opt.port);
@@ -946,6 +1272,8 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     raise_nofile(opt.conns + 16);
     pattern_init();
+    if (opt.tls)
+        tls_init();
     if (opt.connect_rate)
         run_connect_rate();
     else if (opt.idle)

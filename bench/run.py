@@ -6,7 +6,8 @@ Each measurement starts a fresh server pinned to CPU 0 and the load generator
 pinned to CPU 1, repeats every case (servers interleaved A B A B ...), and
 prints a markdown table of medians: server CPU time per request (the primary
 figure), requests/s, p50/p99 latency, plus connections/s and resident memory
-per idle connection. See bench/README.md for the method.
+per idle connection, and the same echo and connection churn over TLS
+(handshakes/s). See bench/README.md for the method.
 
     python bench/run.py --quick
     python bench/run.py --servers pulse,uvloop,asyncio,c --repeats 3 --png out.png
@@ -22,6 +23,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -65,22 +67,26 @@ class Case:
     echo of ``size``-byte messages on ``conns`` connections, ``pipeline``
     messages in flight per connection), ``connect`` (connection churn with
     ``conns`` concurrent slots) or ``idle`` (``conns`` idle connections, for
-    memory)."""
+    memory); with ``tls`` the connections speak TLS (for ``connect``: every
+    cycle is a full handshake)."""
 
     name: str
     kind: str
     size: int = 64
     conns: int = 1
     pipeline: int = 1
+    tls: bool = False
 
     def describe(self) -> str:
         """Human-readable one-line description used in the tables."""
         if self.kind == "connect":
+            if self.tls:
+                return "connect+TLS handshake+echo+close, %d concurrent" % self.conns
             return "connect+echo+close, %d concurrent" % self.conns
         if self.kind == "idle":
             return "%d idle connections" % self.conns
         mode = "pipelined x%d" % self.pipeline if self.pipeline > 1 else "ping-pong"
-        return "%s x %d conns, %s" % (size_label(self.size), self.conns, mode)
+        return "%s%s x %d conns, %s" % ("TLS " if self.tls else "", size_label(self.size), self.conns, mode)
 
 
 def size_label(size: int) -> str:
@@ -105,16 +111,20 @@ def build_cases(idle_conns: int) -> List[Case]:
             cases.append(Case("%s-%dc" % (short_size(size), conns), "echo", size, conns, 1))
     cases.append(Case("64B-50c-p16", "echo", 64, 50, 16))
     cases.append(Case("connect", "connect", 64, 50, 1))
+    for size in (1024, 16384):
+        cases.append(Case("tls-%s-50c" % short_size(size), "echo", size, 50, 1, tls=True))
+    cases.append(Case("tls-handshake", "connect", 64, 50, 1, tls=True))
     cases.append(Case("idle", "idle", 64, idle_conns, 1))
     return cases
 
 
 QUICK_CASES = ["64B-50c", "16K-50c"]
 CASE_GROUPS = {
-    "pingpong": lambda c: c.kind == "echo" and c.pipeline == 1,
-    "pipeline": lambda c: c.kind == "echo" and c.pipeline > 1,
-    "echo": lambda c: c.kind == "echo",
-    "connect": lambda c: c.kind == "connect",
+    "pingpong": lambda c: c.kind == "echo" and c.pipeline == 1 and not c.tls,
+    "pipeline": lambda c: c.kind == "echo" and c.pipeline > 1 and not c.tls,
+    "echo": lambda c: c.kind == "echo" and not c.tls,
+    "connect": lambda c: c.kind == "connect" and not c.tls,
+    "tls": lambda c: c.tls,
     "idle": lambda c: c.kind == "idle",
     "all": lambda c: True,
 }
@@ -124,21 +134,24 @@ CASE_GROUPS = {
 class Server:
     """An echo server under test: a Python ``script`` run with the chosen
     interpreter (plus ``args``), or a compiled C ``binary`` (a key into the
-    built binaries); ``needs`` lists modules the interpreter must import."""
+    built binaries); ``needs`` lists modules the interpreter must import;
+    ``tls`` says it takes ``--certfile``/``--keyfile`` (the TLS cases skip the
+    others)."""
 
     name: str
     script: Optional[Path] = None
     binary: Optional[str] = None
     args: Tuple[str, ...] = ()
     needs: Tuple[str, ...] = ()
+    tls: bool = False
 
 
 SERVERS: Dict[str, Server] = {
-    "pulse": Server("pulse", script=REPO / "examples" / "echo_server.py"),
+    "pulse": Server("pulse", script=REPO / "examples" / "echo_server.py", tls=True),
     "pulse-level": Server("pulse-level", script=REPO / "examples" / "echo_server.py",
-                          args=("--trigger", "level")),
-    "uvloop": Server("uvloop", script=HERE / "servers" / "uvloop_echo.py", needs=("uvloop",)),
-    "asyncio": Server("asyncio", script=HERE / "servers" / "asyncio_echo.py"),
+                          args=("--trigger", "level"), tls=True),
+    "uvloop": Server("uvloop", script=HERE / "servers" / "uvloop_echo.py", needs=("uvloop",), tls=True),
+    "asyncio": Server("asyncio", script=HERE / "servers" / "asyncio_echo.py", tls=True),
     "gevent": Server("gevent", script=HERE / "servers" / "gevent_echo.py", needs=("gevent",)),
     "c": Server("c", binary="c_epoll_echo"),
 }
@@ -150,12 +163,17 @@ QUICK_SERVERS = "pulse,uvloop,asyncio"
 # Build
 
 
-def compile_c(sources: Dict[str, Path], cache_dir: Path) -> Dict[str, Path]:
+CC = os.environ.get("CC", "cc")
+CFLAGS = ["-O2", "-Wall", "-Wextra"]
+
+
+def compile_c(sources: Dict[str, Path], cache_dir: Path,
+              extra: Optional[Dict[str, Tuple[List[str], List[str]]]] = None) -> Dict[str, Path]:
     """Compile each C source with ``cc -O2`` into ``cache_dir`` (named by a hash
     of source, compiler and flags, so rebuilds happen only on change) and return
-    the binary paths by name; exits with the compiler output on failure."""
-    cc = os.environ.get("CC", "cc")
-    flags = ["-O2", "-Wall", "-Wextra"]
+    the binary paths by name; ``extra[name]`` adds (flags, libraries) for one
+    source. Exits with the compiler output on failure."""
+    cc = CC
     try:
         cc_version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
@@ -163,19 +181,82 @@ def compile_c(sources: Dict[str, Path], cache_dir: Path) -> Dict[str, Path]:
     cache_dir.mkdir(parents=True, exist_ok=True)
     out: Dict[str, Path] = {}
     for name, src in sources.items():
+        more, libs = (extra or {}).get(name, ([], []))
+        flags = CFLAGS + more
         digest = hashlib.sha256()
         digest.update(src.read_bytes())
-        digest.update(" ".join([cc] + flags).encode())
+        digest.update(" ".join([cc] + flags + libs).encode())
         digest.update(cc_version.encode())
         binary = cache_dir / ("%s-%s" % (name, digest.hexdigest()[:12]))
         if not binary.exists():
             tmp = cache_dir / ("%s.tmp%d" % (binary.name, os.getpid()))
-            proc = subprocess.run([cc] + flags + ["-o", str(tmp), str(src)], capture_output=True, text=True)
+            proc = subprocess.run([cc] + flags + ["-o", str(tmp), str(src)] + libs, capture_output=True,
+                                  text=True)
             if proc.returncode != 0:
                 sys.exit("error: compiling %s failed:\n%s%s" % (src, proc.stdout, proc.stderr))
             os.replace(tmp, binary)
         out[name] = binary
     return out
+
+
+TLS_PROBE = "#include <openssl/ssl.h>\nint main(void) { return SSL_CTX_new(TLS_client_method()) == 0; }\n"
+
+
+def tls_build_flags(cache_dir: Path) -> Tuple[Optional[Tuple[List[str], List[str]]], str]:
+    """(flags, libraries) that build loadgen.c with TLS (``-DLOADGEN_TLS``,
+    OpenSSL from pkg-config or plain ``-lssl -lcrypto``), checked by compiling
+    a probe program; or None and the reason when OpenSSL's headers or
+    libraries are missing (then the TLS cases fail with that reason)."""
+    cflags: List[str] = []
+    libs = ["-lssl", "-lcrypto"]
+    if shutil.which("pkg-config"):
+        got = [subprocess.run(["pkg-config", what, "openssl"], capture_output=True, text=True)
+               for what in ("--cflags", "--libs")]
+        if all(p.returncode == 0 for p in got):
+            cflags, libs = got[0].stdout.split(), got[1].stdout.split() or libs
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=str(cache_dir)) as tmp:
+        src = Path(tmp) / "probe.c"
+        src.write_text(TLS_PROBE)
+        try:
+            proc = subprocess.run([CC] + cflags + ["-o", str(Path(tmp) / "probe"), str(src)] + libs,
+                                  capture_output=True, text=True)
+        except OSError as exc:
+            return None, "cannot run the C compiler %r: %s" % (CC, exc)
+    if proc.returncode != 0:
+        first = (proc.stderr.strip().splitlines() or ["compiler failed"])[0]
+        first = first[first.find("error:"):] if "error:" in first else first  # without the probe's path
+        return None, ("the load generator was built without TLS: OpenSSL headers/libraries not found "
+                      "(install libssl-dev or openssl-devel): %s" % first)
+    return (["-DLOADGEN_TLS"] + cflags, libs), ""
+
+
+TlsFiles = Tuple[Path, Path]  # (certificate, private key), PEM
+
+
+def make_tls_files(cache_dir: Path) -> Tuple[Optional[TlsFiles], str]:
+    """A fresh ECDSA P-256 key and a self-signed certificate for 127.0.0.1
+    (with the openssl command) in a new private directory under ``cache_dir``,
+    which the caller removes; or None and the reason."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return None, "the openssl command (which makes the test certificate) is not installed"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    where = Path(tempfile.mkdtemp(prefix="tls-", dir=str(cache_dir)))
+    cert, key = where / "cert.pem", where / "key.pem"
+    cmd = [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+           "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+           "-addext", "subjectAltName=IP:127.0.0.1"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        made = proc.returncode == 0 and cert.exists() and key.exists()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        detail, made = str(exc), False
+    if not made:
+        shutil.rmtree(str(where), ignore_errors=True)
+        return None, "openssl could not make the test certificate: %s" % detail
+    return (cert, key), ""
 
 
 def default_cache_dir() -> Path:
@@ -356,17 +437,22 @@ def wait_quiet(limit: float, threshold: float, log: Callable[[str], None]) -> No
 
 class ServerProcess:
     """A running echo server: started pinned to CPU 0 with output captured to a
-    temporary log, made ready by an echo round trip, stopped with SIGTERM then
+    temporary log, made ready by an echo round trip (over TLS, verifying the
+    certificate, when ``tls`` gives the files), stopped with SIGTERM then
     SIGKILL. Use as a context manager."""
 
-    def __init__(self, server: Server, python: str, binaries: Dict[str, Path]) -> None:
+    def __init__(self, server: Server, python: str, binaries: Dict[str, Path],
+                 tls: Optional[TlsFiles] = None) -> None:
         self.server = server
         self.port = free_port()
+        self.tls = tls
         if server.binary is not None:
             cmd = [str(binaries[server.binary])]
         else:
             cmd = [python, str(server.script)]
         self.cmd = cmd + ["--port", str(self.port)] + list(server.args)
+        if tls is not None:
+            self.cmd += ["--certfile", str(tls[0]), "--keyfile", str(tls[1])]
         self.log = tempfile.TemporaryFile()
         self.proc: Optional[subprocess.Popen] = None
 
@@ -415,10 +501,14 @@ class ServerProcess:
         deadline = time.monotonic() + READY_TIMEOUT
         probe = b"pulse-bench-ready\n"
         last_error = "no attempt"
+        context = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=str(self.tls[0]))
         while time.monotonic() < deadline:
             self.check_alive()
             try:
-                with socket.create_connection((HOST, self.port), timeout=2.0) as s:
+                with socket.create_connection((HOST, self.port), timeout=2.0) as raw, \
+                        (context.wrap_socket(raw, server_hostname=HOST) if context is not None else raw) as s:
                     s.sendall(probe)
                     got = b""
                     while len(got) < len(probe):
@@ -483,6 +573,8 @@ def loadgen_cmd(loadgen: Path, case: Case, port: int, duration: float, warmup: f
         cmd.append("--busy-poll")
     if case.kind == "connect":
         cmd.append("--connect-rate")
+    if case.tls:
+        cmd.append("--tls")  # the server's certificate is not verified: no client cost for that
     return cmd
 
 
@@ -743,8 +835,10 @@ def render_markdown(results: Results, cases: List[Case], servers: List[str], inf
     lines.append("")
 
     have_base = BASELINE in servers
-    echo_cases = [c for c in cases if c.kind == "echo"]
-    conn_cases = [c for c in cases if c.kind == "connect"]
+    echo_cases = [c for c in cases if c.kind == "echo" and not c.tls]
+    conn_cases = [c for c in cases if c.kind == "connect" and not c.tls]
+    tls_echo_cases = [c for c in cases if c.kind == "echo" and c.tls]
+    tls_conn_cases = [c for c in cases if c.kind == "connect" and c.tls]
     idle_cases = [c for c in cases if c.kind == "idle"]
 
     def table(title: str, head: List[str], table_cases: List[Case], label: Callable[[Case], str],
@@ -807,6 +901,11 @@ def render_markdown(results: Results, cases: List[Case], servers: List[str], inf
         load_table("Echo: server CPU per request (primary), throughput, latency", "req", "req/s", echo_cases)
     if conn_cases:
         load_table("Connection churn: connect, echo 64 B, close", "conn", "conn/s", conn_cases)
+    if tls_echo_cases:
+        load_table("TLS echo: server CPU per request, throughput, latency", "req", "req/s", tls_echo_cases)
+    if tls_conn_cases:
+        load_table("TLS handshakes: connect, full handshake, echo 64 B, close", "handshake", "handshakes/s",
+                   tls_conn_cases)
     if idle_cases:
         head = ["case", "server", "KiB/conn"] + (["xuvloop"] if have_base else []) + ["RSS before MiB",
                                                                                      "RSS after MiB"]
@@ -977,8 +1076,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         except OSError:
             pass
 
+    cache_dir = default_cache_dir()
+    tls_flags, tls_problem = tls_build_flags(cache_dir)
     binaries = compile_c({"loadgen": HERE / "loadgen.c", "c_epoll_echo": HERE / "servers" / "c_epoll_echo.c"},
-                         default_cache_dir())
+                         cache_dir, {"loadgen": tls_flags} if tls_flags else None)
     servers: List[str] = []
     versions: Dict[str, str] = {}
     for n in names:
@@ -993,23 +1094,54 @@ def main(argv: Optional[List[str]] = None) -> int:
         log("error: no server available to benchmark")
         return 1
     info = machine_info(args.python)
+    tls_files: Optional[TlsFiles] = None
+    if any(c.tls for c in cases):
+        no_tls = [n for n in servers if not SERVERS[n].tls]
+        if no_tls:
+            log("TLS cases skip %s (no TLS in that server)" % ", ".join(no_tls))
+        if not tls_problem:
+            tls_files, tls_problem = make_tls_files(cache_dir)
+        if tls_problem:
+            log("TLS cases will fail: %s" % tls_problem)
+    try:
+        return run_all(args, cases, servers, binaries, info, versions, tls_files, tls_problem, log)
+    finally:
+        if tls_files is not None:
+            shutil.rmtree(str(tls_files[0].parent), ignore_errors=True)
 
+
+def run_all(args: argparse.Namespace, cases: List[Case], servers: List[str], binaries: Dict[str, Path],
+            info: Dict[str, str], versions: Dict[str, str], tls_files: Optional[TlsFiles], tls_problem: str,
+            log: Callable[[str], None]) -> int:
+    """Run every case for every server (fresh server per run, servers
+    interleaved per repeat; TLS cases only for servers with TLS, or failing
+    with ``tls_problem``), print the report, write the JSON and the chart.
+    Returns 1 if any run failed."""
     results: Results = {c.name: {s: [] for s in servers} for c in cases}
     broken: Dict[str, str] = {}
-    total = len(cases) * args.repeats * len(servers)
+    def runs_case(case: Case, name: str) -> bool:
+        return SERVERS[name].tls or not case.tls
+    total = sum(args.repeats for c in cases for n in servers if runs_case(c, n))
     done = 0
     failed = False
     for case in cases:
         for rep in range(args.repeats):
             for name in servers:  # interleaved: A B C, A B C, ...
+                if not runs_case(case, name):
+                    continue
                 done += 1
                 prefix = "[%d/%d] %s %s #%d" % (done, total, case.name, name, rep + 1)
                 if name in broken:
                     results[case.name][name].append(Sample(ok=False, error=broken[name]))
                     continue
+                if case.tls and tls_problem:
+                    failed = True
+                    results[case.name][name].append(Sample(ok=False, error=tls_problem))
+                    continue
                 wait_quiet(args.wait_quiet, 10.0, log)
                 try:
-                    with ServerProcess(SERVERS[name], args.python, binaries) as srv:
+                    with ServerProcess(SERVERS[name], args.python, binaries,
+                                       tls_files if case.tls else None) as srv:
                         if case.kind == "idle":
                             sample = measure_idle(srv, binaries["loadgen"], case, settle=0.5)
                         else:

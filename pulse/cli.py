@@ -26,6 +26,8 @@ DEFAULT_BIND = "127.0.0.1:8000"
 #: (gunicorn's default; systemd's own stop timeout is 90 s).
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+#: What ``--proxy-protocol`` takes (``any``: either version).
+PROXY_VERSIONS = ("v1", "v2", "any")
 
 #: The level ``--log-level`` sets when not given (the workers' and the supervisor's).
 DEFAULT_LOG_LEVEL = "info"
@@ -93,6 +95,27 @@ def _fd(text: str) -> int:
     return value
 
 
+class _ProxyProtocolFlag(argparse.Action):
+    """``--proxy-protocol [v1|v2|any]``: the version may be left out (``any``).
+
+    An optional value makes argparse take the next word for it, so in
+    ``pulse serve --proxy-protocol myapp:App`` a word with a colon is not
+    a version but the application, kept for ``main`` (``displaced_app``).
+    """
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: Optional[str] = None) -> None:
+        if values is None:
+            values = "any"
+        elif values not in PROXY_VERSIONS:
+            if ":" not in values:
+                raise argparse.ArgumentError(self, "must be one of {}, got {!r}".format(
+                    ", ".join(PROXY_VERSIONS), values))
+            namespace.displaced_app = values
+            values = "any"
+        setattr(namespace, self.dest, True if values == "any" else values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``pulse`` argument parser (its ``serve`` subcommand holds the flags)."""
     parser = _Parser(prog="pulse", description="pulse: a minimal, fast async TCP server.")
@@ -105,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "SIGTERM/SIGINT stop gracefully, SIGHUP replaces the workers one at a "
                     "time, SIGQUIT stops at once.")
     serve_cmd.set_defaults(serve_parser=serve_cmd)  # its errors say "pulse serve: error"
-    serve_cmd.add_argument("app", metavar="MODULE:ATTR",
+    # nargs="?" only for --proxy-protocol's sake (see _ProxyProtocolFlag):
+    # main() still demands it.
+    serve_cmd.add_argument("app", metavar="MODULE:ATTR", nargs="?",
                            help="what to serve, e.g. myapp:Echo or myapp:make_handler")
     where = serve_cmd.add_argument_group("listening and processes")
     where.add_argument("-b", "--bind", action="append", metavar="ADDR",
@@ -169,6 +194,11 @@ def _flag(field: Field[Any]) -> Dict[str, Any]:
         return {"choices": field.choices, "help": field.help}
     if field.kind == "backend":
         return {"choices": backend_choices(), "help": field.help}
+    if field.kind == "proxy_protocol":
+        return {"action": _ProxyProtocolFlag, "nargs": "?", "metavar": field.metavar,
+                "help": field.help + " (default: off; the flag alone: any)"}
+    if field.kind == "networks":
+        return {"metavar": field.metavar, "help": field.help}
     if field.kind == "log_level":
         return {"type": str.lower, "choices": LOG_LEVELS, "default": DEFAULT_LOG_LEVEL,
                 "help": "log level of the supervisor and the workers (default: %(default)s)"}
@@ -216,6 +246,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.app is None:
+        args.app = getattr(args, "displaced_app", None)
+        if args.app is None:
+            args.serve_parser.error("the following arguments are required: MODULE:ATTR")
+    elif getattr(args, "displaced_app", None) is not None:
+        args.serve_parser.error("unrecognized arguments: {}".format(args.displaced_app))
     ssl = tls_factory(args.serve_parser, args)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s [%(process)d] %(levelname)s %(message)s")

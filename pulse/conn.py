@@ -21,13 +21,14 @@ stranger.
 import errno
 import socket
 import threading
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple, Union
 
 from ._sys.raw_sockaddr import parse_sockaddr
 from .address import Address
 from .deadlines import Deadline, deadline_time
 from .errors import ConnClosedError
 from .lifecycle import Lifecycle
+from .proxy_gate import Proxied
 from .states import CLOSED, NAMES, OPEN, OPENING
 from .writes import SMALL_WRITE, WRITE_ARENA_SIZE, WRITE_MAX_ITEMS
 
@@ -36,12 +37,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .handler import HandlerProtocol
     from .loop import EventLoop
+    from .proxy_gate import ProxyGate
+    from .proxy_protocol import ProxyHeader
     from .timers import TimerHandle
+    from .tls import TLS
 
 _get_ident = threading.get_ident
 
 
-class Conn(Lifecycle):
+class Conn(Lifecycle, Proxied):
     """A connection: ``write``, ``close``, a session slot, addresses, deadlines.
 
     Created by the loop, never by users.  Every method may be called on the
@@ -52,7 +56,7 @@ class Conn(Lifecycle):
     order), and the read-only properties.
     """
 
-    __slots__ = ("session", "_laddr", "_raddr", "__weakref__")
+    __slots__ = ("session", "_laddr", "_raddr", "_proxy", "__weakref__")
 
     def __init__(self, loop: "EventLoop", fd: int, handler: "HandlerProtocol", born: int,
                  opening: bool = False) -> None:
@@ -61,6 +65,8 @@ class Conn(Lifecycle):
         self.session: Any = None
         self._laddr: Optional[Address] = None
         self._raddr: Any = None  # an Address, or raw sockaddr bytes from accept
+        # (the real peer, the PROXY header) once one was read (proxy_gate.py)
+        self._proxy: Optional[Tuple[Address, "ProxyHeader"]] = None
 
     # -- public API -------------------------------------------------------
 
@@ -315,8 +321,24 @@ class Conn(Lifecycle):
                  quiet: bool = False) -> None:
         """Speak TLS (``quiet``: an accepted connection, no callback until its handshake)."""
         from .tls import TLS
-        self._tls = TLS(self, context, server_side, server_hostname)
+        self._set_layer(TLS(self, context, server_side, server_hostname), quiet)
+
+    def _set_layer(self, layer: Optional[Union["TLS", "ProxyGate"]], quiet: bool) -> None:
+        """What the bytes read go through before the handler: TLS, a pending
+        PROXY header (``proxy_gate.py``) or nothing; ``quiet`` until on_open."""
+        self._tls = layer
         self._quiet = quiet
+
+    def _header_read(self, header: "ProxyHeader", ssl: Optional["SSLContext"]) -> None:
+        """The PROXY header was read: its addresses stand for the socket's
+        (``proxy_address`` keeps the real peer), and TLS follows with ``ssl``."""
+        self._proxy = (self.remote_address, header)
+        if header.source is not None:  # not LOCAL, UNKNOWN or UNSPEC
+            self._raddr = header.source
+            self._laddr = header.destination
+        self._set_layer(None, self._quiet)
+        if ssl is not None:
+            self._use_tls(ssl, True, None, quiet=True)
 
     def pause_reading(self) -> None:
         """Stop delivering ``on_data`` until ``resume_reading()``; safe from any thread.

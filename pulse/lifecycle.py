@@ -15,7 +15,7 @@ runners and the connector call these methods; none of them sets a field.
 import errno
 import logging
 import socket
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
 
 from .backlog import Backlog
 from .deadlines import ConnTimers
@@ -27,6 +27,7 @@ from .timers import monotonic
 if TYPE_CHECKING:  # pragma: no cover
     from .handler import HandlerProtocol
     from .loop import EventLoop
+    from .proxy_gate import ProxyGate
     from .tls import TLS
 
 logger = logging.getLogger("pulse")
@@ -37,10 +38,9 @@ class Lifecycle(Outgoing):
 
     __slots__ = (
         "opened", "backpressure_reads", "_loop", "_fd", "_handler", "_on_data", "_writes",
-        "_state", "_born", "_paused",
+        "_state", "_born", "_paused", "_close_called", "_write_closed", "_held",
         "_user_pause", "_peer_eof", "_eof_wanted", "_eof_sent", "_abort", "_reset", "_close_err",
-        "_close_called", "_write_closed", "_held",
-        "_held_eof", "_timers", "_active", "_task", "_tls", "_quiet",
+        "_held_eof", "_timers", "_active", "_task", "_tls", "_quiet", "_close_deferred",
     )
 
     def __init__(self, loop: "EventLoop", fd: int, handler: "HandlerProtocol", born: int,
@@ -68,6 +68,7 @@ class Lifecycle(Outgoing):
         self._reset = False  # closing resets the connection (abort())
         self._close_err: Optional[BaseException] = None
         self._close_called = False  # close()/abort() was called, from any thread
+        self._close_deferred = False  # _begin_close ran while dialing/handshaking (loop side)
         self._write_closed = False  # write_eof() was called, from any thread
         self._backlog = Backlog()
         self._above_high = False  # the backlog passed the high-water mark, not yet drained
@@ -77,9 +78,8 @@ class Lifecycle(Outgoing):
         self._timers = ConnTimers(self, loop)
         self._active = 0.0  # monotonic time of the last read or write (idle timeout)
         self._task: Any = None  # the task-mode runner's per-connection state (tasks.py)
-        self._tls: Optional["TLS"] = None  # the TLS session (tls.py), if any
-        # An accepted connection still in its TLS handshake: the handler has
-        # not seen it, so its end runs no callback.
+        self._tls: Optional[Union["TLS", "ProxyGate"]] = None  # TLS, or a pending PROXY header
+        # Unseen by the handler (in its TLS handshake, before its PROXY header): no callbacks.
         self._quiet = False
 
     def _want_eof(self) -> None:
@@ -139,7 +139,8 @@ class Lifecycle(Outgoing):
             self._update_interest()  # what was written while dialing goes out now
             if self._eof_wanted:
                 loop._settle_later(self)
-        if self._close_called and not self._abort:
+        # (Not _close_called: close() from a thread sets it before its queued writes ran.)
+        if self._close_deferred and not self._abort:
             self._begin_close()  # closed while dialing: drain what was written, then close
         if upgraded:
             self._call_optional("on_start_tls")
@@ -277,6 +278,7 @@ class Lifecycle(Outgoing):
         self._close_called = True
         self._cancel_queued_data()
         tls = self._tls
+        self._close_deferred = self._state == OPENING or (tls is not None and tls.handshaking)
         if tls is not None and self._state == OPEN:
             if tls.handshaking:
                 if self._loop.stopping:

@@ -442,8 +442,8 @@ class EventLoop(Stopping, DirectReads, LoopStats):
         conn = Conn(self, fd, handler, self._iteration)
         conn._set_remote(peer)  # raw or formatted: Conn.remote_address formats it lazily
         self._conns[fd] = conn
-        if ssl is not None:
-            conn._use_tls(ssl, True, None, quiet=True)
+        if ssl is not None or self.options.proxy_protocol:
+            conn._accept_layers(ssl)  # a PROXY header (proxy_gate.py), TLS, or both
         conn._opened()
 
     def _close_stray(self, fd: int) -> None:

@@ -30,7 +30,8 @@ MAX_READ_BUFFER_SIZE = 64 * 1024 * 1024
 
 #: The kinds of value a ``Field`` holds.  Each has one rule in ``Field.check``
 #: and one way of becoming a flag in ``pulse/cli.py``.
-KINDS = ("choice", "int", "bool", "seconds", "log_level", "backend")
+KINDS = ("choice", "int", "bool", "seconds", "log_level", "backend", "proxy_protocol",
+         "networks")
 
 T = TypeVar("T")
 
@@ -158,6 +159,14 @@ class Field(Generic[T]):
         if kind == "log_level":
             parse_log_level(value)
             return value  # as given: the launcher hands it on to its workers unchanged
+        if kind == "proxy_protocol":
+            if value is False or value is None:
+                return False
+            from .proxy_protocol import check_versions
+            return check_versions(value, name)
+        if kind == "networks":
+            from .proxy_gate import parse_networks
+            return parse_networks(value, name)
         # "backend": which backends exist and work here is pulse._sys's to say.
         from ._sys import check_backend_name
         return check_backend_name(value)
@@ -235,6 +244,18 @@ class Options:
     max_connections: Field[int] = Field(
         "int", 0, "at this many open connections stop accepting (new ones wait in the "
         "kernel's accept queue) until one closes (0: no limit)", metavar="N")
+    proxy_protocol: Field[Union[bool, str]] = Field(
+        "proxy_protocol", False, "read a PROXY protocol header (HAProxy's; 'v1', 'v2', or "
+        "'any': either) at the start of each accepted connection, before TLS; its addresses "
+        "become the connection's", metavar="v1|v2|any")
+    proxy_protocol_trusted: Field[Optional[Tuple[Any, ...]]] = Field(
+        "networks", None, "only these peers (IP networks) may send PROXY headers; others are "
+        "closed at once (default: every peer)", metavar="CIDR,...", allow_none=True)
+    # The spec asks for "at least 3 seconds to cover a TCP retransmit"; a
+    # balancer sends the header with its connect, so 5 s is plenty.
+    proxy_protocol_timeout: Field[float] = Field(
+        "seconds", 5.0, "close a connection whose PROXY header has not arrived in this long "
+        "(0: no limit)", metavar="S")
     log_level: Field[Union[None, int, str]] = Field(
         "log_level", None, "level of the 'pulse' logger: a name or a number", allow_none=True)
     backend: Field[Optional[str]] = Field(
@@ -267,6 +288,8 @@ class Options:
         elif self.write_buffer_low_water > high:
             raise ValueError("write_buffer_low_water ({}) must be <= write_buffer_high_water "
                              "({})".format(self.write_buffer_low_water, high))
+        if self.proxy_protocol_trusted is not None and not self.proxy_protocol:
+            raise ValueError("proxy_protocol_trusted needs proxy_protocol (True, 'v1' or 'v2')")
         limit = self.write_buffer_limit
         if limit and limit < high:
             raise ValueError("write_buffer_limit ({}) must be 0 (no cap) or >= "

@@ -10,7 +10,7 @@ whose backlog passes it.  With TLS, plaintext goes through ``tls.TLS`` first
 and what is queued here is ciphertext.
 """
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from .errors import WriteBufferFullError
 from .states import CLOSED, OPEN, OPENING, PAUSE_BACKPRESSURE
@@ -19,6 +19,7 @@ from .timers import monotonic
 if TYPE_CHECKING:  # pragma: no cover
     from .backlog import Backlog
     from .loop import EventLoop
+    from .proxy_gate import ProxyGate
     from .tls import TLS
     from .writes import Batch
 
@@ -39,7 +40,7 @@ class Outgoing:
     _abort: bool
     _eof_wanted: bool
     _writes: "Batch"
-    _tls: Optional["TLS"]
+    _tls: Optional[Union["TLS", "ProxyGate"]]
     backpressure_reads: bool
 
     if TYPE_CHECKING:  # pragma: no cover - methods of Lifecycle

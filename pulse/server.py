@@ -36,7 +36,9 @@ class Server:
     "thread"), ``read_buffer_size``, the write-buffer water marks, timeouts,
     ``log_level``, ...  With ``ssl`` (a server-side ``ssl.SSLContext``) every
     connection speaks TLS: ``on_open`` runs after its handshake, the
-    callbacks see plaintext.
+    callbacks see plaintext.  With ``proxy_protocol=True`` (or ``"v1"``,
+    ``"v2"``) every connection starts with a PROXY protocol header, read
+    before ``on_open`` and TLS (``pulse/proxy_gate.py``).
     """
 
     def __init__(self, handler: Union[HandlerProtocol, Type[HandlerProtocol]],

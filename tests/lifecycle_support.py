@@ -205,8 +205,9 @@ def loop_stalled(loop: Any, timeout: float = 5.0) -> Iterator[None]:
     """Hold ``loop`` inside a callback for the duration of the block.
 
     Whatever the block does to the loop (``call_soon_threadsafe``, ``dial``,
-    ``write`` from this thread) is then handled in one later iteration, before
-    the loop polls again: a race with the kernel becomes deterministic.
+    ``write`` from this thread) is then handled in one later iteration, after
+    that iteration's poll and the events it returned (the loop runs the calls
+    queued before it polled): a race with the kernel becomes deterministic.
     """
     entered = threading.Event()
     release = threading.Event()

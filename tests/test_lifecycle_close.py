@@ -661,3 +661,46 @@ def test_abort_with_a_backlog_resets_instead_of_finishing_the_stream(
                 raise AssertionError("after abort() the client got " + describe(data, blob, how))
             assert len(rec.closes) == 1
         handler.check()
+
+
+def test_close_from_a_thread_as_the_connect_completes_sends_the_writes_queued_before_it(
+        trigger: str, task_type: str) -> None:
+    """``close()`` from another thread sets its flag at once and queues the
+    close behind the writes it made before; when the connect completes in the
+    iteration that then runs them (events are handled before queued calls),
+    the connection must not start closing ahead of those writes.  The loop
+    once read the cross-thread flag when the connect completed; plain TCP
+    survived it (the writes still reached the backlog before the close
+    settled), TLS did not (``test_tls``'s ``..._racing_the_handshakes_end...``:
+    close_notify went first and the writes failed with PROTOCOL_IS_SHUTDOWN)."""
+    peer = PlainPeer(timeout=5)
+    handler = DialOutcome()
+    try:
+        with no_leaks():
+            with running_client(trigger=trigger, task_type=task_type) as client:
+                # Dial on the loop and hold it in the same callback, so that
+                # the next poll sees the completed connect before the calls
+                # this thread queues meanwhile.
+                dialed: List[pulse.Conn] = []
+                entered, release = threading.Event(), threading.Event()
+
+                def dial_and_hold() -> None:
+                    dialed.append(client.dial(peer.address, handler))
+                    entered.set()
+                    release.wait(5)
+
+                client.loop.call_soon_threadsafe(dial_and_hold)
+                assert entered.wait(5)
+                time.sleep(0.1)  # the connect completes in the kernel meanwhile
+                conn = dialed[0]
+                conn.write(b"early")
+                conn.write(b" and later")
+                conn.close()
+                release.set()
+                peer.join(10)
+                assert (peer.received, peer.how) == (b"early and later", "eof"), \
+                    "the far end got {!r}, then {}".format(peer.received, peer.how)
+                wait_for(lambda: len(handler.errs) >= 1, 5, "on_close")
+            assert handler.errs == [None], "on_close: {!r}".format(handler.errs)
+    finally:
+        peer.close()

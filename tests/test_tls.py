@@ -197,6 +197,97 @@ def test_dial_writes_and_closes_before_the_handshake_in_order(tls_files: TLSFile
     del handler
 
 
+class HeldReplyRelay:
+    """A TCP relay that forwards client -> server at once and server -> client
+    only once ``release`` is set, so a test can choose when the server's
+    handshake reply reaches the client."""
+
+    def __init__(self, target: Any) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.target = target
+        self.reply_seen = threading.Event()
+        self.release = threading.Event()
+        self.threads: List[threading.Thread] = []
+        self._start(self._accept)
+
+    def _start(self, fn: Any, *args: Any) -> None:
+        thread = threading.Thread(target=fn, args=args, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def _accept(self) -> None:
+        client, _ = self.listener.accept()
+        server = socket.create_connection(self.target, timeout=10)
+        self._start(self._pump, client, server, False)
+        self._pump(server, client, True)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, held: bool) -> None:
+        src.settimeout(10)
+        try:
+            while True:
+                data = src.recv(65536)
+                if held:
+                    self.reply_seen.set()
+                    self.release.wait(10)
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+                dst.sendall(data)
+        except OSError:
+            return
+
+    def close(self) -> None:
+        self.release.set()
+        self.listener.close()
+
+
+def test_writes_and_close_from_a_thread_racing_the_handshakes_end_keep_their_order(
+        tls_files: TLSFiles) -> None:
+    """close() from another thread, behind writes that the loop has not run
+    yet, while the handshake completes: the writes go first (the loop once
+    acted on close()'s cross-thread flag at the handshake's end, sent
+    close_notify, and the queued writes then failed with PROTOCOL_IS_SHUTDOWN)."""
+    got: List[bytes] = []
+    closed: List[Optional[BaseException]] = []
+    done = threading.Event()
+
+    class Collect(Echo):
+        def on_data(self, conn: pulse.Conn, data: bytes) -> None:
+            got.append(data)
+
+    class Reader(pulse.Handler):
+        def on_close(self, conn: pulse.Conn, err: Optional[BaseException]) -> None:
+            closed.append(err)
+            done.set()
+
+    parts = [pattern(100, 1), pattern(70000, 2)]
+    with ServerThread(Collect(), ssl=server_context(tls_files)) as srv:
+        relay = HeldReplyRelay(srv.address)
+        try:
+            with pulse.Client() as client:
+                conn = client.dial(relay.address, Reader(), ssl=client_context(tls_files))
+                assert relay.reply_seen.wait(10), "the server never answered the ClientHello"
+                # Hold the loop in a callback, let the reply land in the
+                # client's socket, then queue the writes and the close: the
+                # next iteration reads the reply (the handshake ends) before
+                # it runs the queued calls.
+                blocked, go = threading.Event(), threading.Event()
+                client.loop.call_soon_threadsafe(lambda: (blocked.set(), go.wait(10)))
+                assert blocked.wait(10)
+                relay.release.set()
+                time.sleep(0.2)
+                for part in parts:
+                    conn.write(part)
+                conn.close()
+                go.set()
+                assert done.wait(10)
+                assert closed == [None]
+                wait_for(lambda: b"".join(got) == b"".join(parts), what="the writes")
+        finally:
+            relay.close()
+
+
 def test_plaintext_client_on_the_tls_port_is_closed_and_the_server_keeps_serving(
         tls_files: TLSFiles, caplog: pytest.LogCaptureFixture) -> None:
     handler = Echo()
