@@ -19,6 +19,8 @@ two adjacent iterations; each number on its own is right.
 """
 
 import dataclasses
+import logging
+import threading
 from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping
@@ -28,6 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .conn import Conn
 
 __all__ = ["LoopStats", "Stats", "perf_counter"]
+
+logger = logging.getLogger("pulse")
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,8 @@ class LoopStats:
     _acceptor: "Acceptor"
     _iteration: int
     _closing_in_runner: int
+    _thread_id: Any
+    call_soon_threadsafe: Any
 
     def _init_stats(self) -> None:
         #: Bytes received and sent by all connections (``_dispatch``,
@@ -123,6 +129,15 @@ class LoopStats:
     def _callback_error(self) -> None:
         """Count a callback that raised (on the loop's thread: a worker hands it over)."""
         self._callback_errors += 1
+
+    def _callback_raised(self, exc: BaseException, message: str, *args: Any) -> None:
+        """Count a callback that raised ``exc`` and log ``message % args`` with
+        its traceback; from any thread."""
+        if threading.get_ident() == self._thread_id:
+            self._callback_errors += 1
+        else:
+            self.call_soon_threadsafe(self._callback_error)  # one writer: the loop's thread
+        logger.error(message, *args, exc_info=(type(exc), exc, exc.__traceback__))
 
     def _start_clock(self) -> None:
         """``run()`` starts: the loop's time counts from here."""
