@@ -26,6 +26,7 @@ from .handler import Handler, HandlerProtocol, callbacks
 from .loop import EventLoop
 from .options import Options
 from .server import Server
+from .stats import Stats
 from .timers import TimerHandle
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,7 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Address", "AddressLike", "BACKEND", "BackendUnavailableError", "Client", "Conn",
     "ConnClosedError", "EventLoop", "Handler", "HandlerProtocol", "LaunchError", "Options",
-    "PulseError", "Server", "ServerStateError", "TimerHandle", "WriteBufferFullError",
+    "PulseError", "Server", "ServerStateError", "Stats", "TimerHandle", "WriteBufferFullError",
     "callbacks", "parse_address", "serve", "server_context", "__version__",
 ]
 

@@ -56,6 +56,12 @@ class Acceptor:
         self._parked: Dict[int, Listener] = {}
         self._backoff: Optional[TimerHandle] = None
         self._shedding = False  # parked at max_connections
+        # Counters for EventLoop.stats(): connections taken in, failed
+        # accepts, and parking episodes by cause (one per log line).
+        self.accepted = 0
+        self.errors = 0
+        self.parks_out_of_fds = 0
+        self.parks_max_connections = 0
 
     @property
     def parked(self) -> bool:
@@ -112,6 +118,7 @@ class Acceptor:
                                             loop.edge, burst, errors=errors)
         except OSError as exc:
             self._log_dropped(errors)
+            self.errors += 1
             if exc.errno in _RESOURCE_ERRORS:
                 self._park_for_fds(exc)
             else:
@@ -126,13 +133,14 @@ class Acceptor:
         finally:
             # An exception leaving run() from an on_open: the sockets of the
             # burst not taken in yet are closed, not leaked.
+            self.accepted += taken
             for fd, _ in fds[taken:]:
                 loop._close_stray(fd)
         if self._max and loop.occupied >= self._max:
             self._shed()
 
-    @staticmethod
-    def _log_dropped(errors: List[OSError]) -> None:
+    def _log_dropped(self, errors: List[OSError]) -> None:
+        self.errors += len(errors)
         for error in errors:
             logger.warning("pulse: %s", error)
 
@@ -149,12 +157,14 @@ class Acceptor:
                        self._loop.connections)
         self._park_all()
         if self._backoff is None:
+            self.parks_out_of_fds += 1
             self._backoff = self._loop.call_later(ACCEPT_BACKOFF, self._unpark)
 
     def _shed(self) -> None:
         """``max_connections`` reached: leave new connections in the accept queue."""
         if not self._shedding:
             self._shedding = True  # until the load falls clearly (see _unpark)
+            self.parks_max_connections += 1
             logger.warning("pulse: max_connections=%d reached; new connections wait in the "
                            "accept queue until one closes", self._max)
         self._park_all()

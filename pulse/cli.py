@@ -146,8 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="S", help="seconds a stopping worker lets its connections "
                        "finish before closing them (default: %(default)s)")
     where.add_argument("--stats-interval", type=_positive_seconds, metavar="S",
-                       help="log each worker's connections, bytes in/out, CPU and RSS "
-                            "every S seconds")
+                       help="log each worker's stats (connections, bytes in/out, loop "
+                            "utilisation, errors, CPU, RSS) every S seconds")
+    where.add_argument("--metrics", metavar="ADDR",
+                       help="serve the workers' counters in the Prometheus text format at "
+                            "http://ADDR/metrics, e.g. 127.0.0.1:9100")
     where.add_argument("--reuse-port", action=argparse.BooleanOptionalAction, default=None,
                        help="one SO_REUSEPORT socket per worker, the kernel spreading "
                             "connections (default: on Linux); --no-reuse-port shares one socket")
@@ -261,7 +264,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         target = load_target(args.app)
         serve(target, addresses, workers=args.workers, fds=fds,
               graceful_timeout=args.graceful_timeout, stats_interval=args.stats_interval,
-              reuse_port=args.reuse_port, ssl=ssl, **server_options(args))
+              reuse_port=args.reuse_port, ssl=ssl, metrics=args.metrics, **server_options(args))
     except (LaunchError, OSError, ValueError, TypeError) as exc:
         if args.log_level == "debug":
             traceback.print_exc()

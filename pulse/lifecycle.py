@@ -427,13 +427,13 @@ class Lifecycle(Outgoing):
         """Call ``on_close`` here and now (the loop's thread, or a runner's worker)."""
         try:
             self._handler.on_close(self, err)
-        except Exception:  # noqa: BLE001
-            logger.exception("pulse: on_close raised on %r", self)
+        except Exception as exc:  # noqa: BLE001
+            self._loop._callback_raised(exc, "pulse: on_close raised on %r", self)
 
     def _callback_failed(self, name: str, exc: BaseException) -> None:
-        """A callback raised: log it and close this connection only."""
-        logger.error("pulse: %s raised on %r; closing the connection", name, self,
-                     exc_info=(type(exc), exc, exc.__traceback__))
+        """A callback raised: log it (and count it) and close this connection only."""
+        self._loop._callback_raised(exc, "pulse: %s raised on %r; closing the connection", name,
+                                    self)
         self._fail(exc)
 
     def _call_optional(self, name: str) -> None:

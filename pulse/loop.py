@@ -44,6 +44,7 @@ from .handler import HandlerProtocol
 from .options import Options, check_seconds
 from .direct import DirectReads
 from .shutdown import Stopping
+from .stats import LoopStats, perf_counter
 from .states import LINGERING, OPEN
 from .timers import TimerHandle, Timers, monotonic
 from .tuning import (ARENA_MIN, ARENA_READS, DIRECT_AFTER, DIRECT_READ_ON, RECORDS_PER_EVENT,
@@ -58,13 +59,14 @@ logger = logging.getLogger("pulse")
 _NO_FDS: List[int] = []  # the carry of a poll with nothing carried (never mutated)
 
 
-class EventLoop(Stopping, DirectReads):
+class EventLoop(Stopping, DirectReads, LoopStats):
     """An event loop: owns a poller, the connections it accepted, timers and
     the write batch.  ``run()`` blocks in the calling thread until ``stop()``.
 
     Most users never touch it directly: ``Server`` creates one.  Safe from
-    any thread: ``call_soon_threadsafe``, ``call_later``, ``call_at``,
-    ``stop``, ``dial`` and ``register``; the rest belongs to the loop's thread.
+    any thread: ``call_soon_threadsafe``, ``call_later``, ``call_at``, ``stop``,
+    ``dial``, ``register`` and ``stats`` (``LoopStats``, ``stats.py``); the rest
+    belongs to the loop's thread.
     """
 
     def __init__(self, options: Optional[Options] = None) -> None:
@@ -123,26 +125,12 @@ class EventLoop(Stopping, DirectReads):
         self._closed = False
         #: The task-mode runner (``tasks.py``) in "pool"/"thread" mode, else None.
         self.runner: Any = None
-        #: Counters for stats: bytes received and sent by all connections.
-        self.bytes_in = 0
-        self.bytes_out = 0
+        self._init_stats()
         # The waker is not an fd on every backend (kqueue reports an ident):
         # it is recognised by its ident, apart from the fds in _specials.
         self._waker_ident = self._waker.ident
 
     # -- public -----------------------------------------------------------
-
-    @property
-    def connections(self) -> int:
-        """Number of open connections."""
-        return len(self._conns)
-
-    @property
-    def occupied(self) -> int:
-        """Connections that count against ``max_connections``: the open ones,
-        plus, in the task modes, the closed ones whose ``on_close`` has not
-        run yet (the handler still holds them)."""
-        return len(self._conns) + self._closing_in_runner
 
     @property
     def started(self) -> bool:
@@ -246,6 +234,7 @@ class EventLoop(Stopping, DirectReads):
                 if self.options.task_type != "loop" and self.runner is None:
                     from .tasks import make_runner
                     self.runner = make_runner(self, self.options)
+                self._start_clock()
                 while not self._stopping:
                     self._run_once()
                 if on_stop is not None:
@@ -255,6 +244,7 @@ class EventLoop(Stopping, DirectReads):
             self._abandon(exc)
             raise
         finally:
+            self._stop_clock()
             self._close()
 
     def _run_once(self) -> None:
@@ -271,7 +261,10 @@ class EventLoop(Stopping, DirectReads):
             # ~fd tells the C helper the hang-up was seen: read on to the FIN.
             fds = [~fd if hup else fd for fd, (conn, hup) in carry.items()
                    if conn._wants_read()]
+        # Time in the poller (stats.py: negative while polling): two clock reads.
+        self._poll_seconds -= perf_counter()
         count = self._poller.poll_read(timeout, self._arena, fds, self._read_size, self._max_reads)
+        self._poll_seconds += perf_counter()
         self._iteration += 1
         self._now = monotonic()
         if count:
@@ -368,6 +361,7 @@ class EventLoop(Stopping, DirectReads):
             try:
                 handle.callback(*handle.args)
             except Exception:  # noqa: BLE001
+                self._callback_errors += 1
                 logger.exception("pulse: timer callback %r raised", handle.callback)
 
     def _run_ready(self) -> None:
@@ -378,6 +372,7 @@ class EventLoop(Stopping, DirectReads):
             try:
                 callback(*args)
             except Exception:  # noqa: BLE001
+                self._callback_errors += 1
                 logger.exception("pulse: callback %r raised", callback)
 
     def _settle_phase(self) -> None:
@@ -466,6 +461,7 @@ class EventLoop(Stopping, DirectReads):
         self._joining.discard(conn)
         if self._conns.get(fd) is conn:
             del self._conns[fd]
+            self._closed_count += 1
         self._specials.pop(fd, None)  # a dial that never finished
         self._carry.pop(fd, None)
         if self._direct is not None and 0 <= fd < DIRECT_FDS:

@@ -18,6 +18,7 @@ from .errors import ServerStateError
 from .handler import HandlerProtocol, check_handler
 from .loop import EventLoop
 from .options import Options, parse_log_level
+from .stats import Stats
 
 if TYPE_CHECKING:  # pragma: no cover
     from ssl import SSLContext
@@ -62,11 +63,20 @@ class Server:
         self._loop: Optional[EventLoop] = None
         self._started = threading.Event()  # set when serve() runs or ended
         self._ran = False  # the loop iterated at least once
+        self._final_stats = Stats()  # what stats() answers when no loop runs
 
     @property
     def loop(self) -> Optional[EventLoop]:
         """The running event loop (``None`` before ``serve()`` and after it returns)."""
         return self._loop
+
+    def stats(self) -> Stats:
+        """A snapshot of the server's counters (``pulse.Stats``): connections,
+        bytes, loop time, errors.  Safe from any thread; while serving it may
+        be slightly stale (see ``pulse/stats.py``); all zeros before
+        ``serve()``, and the last counts once it returned."""
+        loop = self._loop
+        return loop.stats() if loop is not None else self._final_stats
 
     @property
     def address(self) -> Address:
@@ -148,6 +158,7 @@ class Server:
             self._close_listeners()
             with self._lock:
                 self._state = "stopped"
+                self._final_stats = loop.stats()
                 self._loop = None
 
     def _mark_started(self) -> None:

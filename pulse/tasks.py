@@ -234,6 +234,7 @@ class Runner:
         try:
             func(*args)
         except Exception as exc:  # noqa: BLE001 - a callback may raise anything
+            self.loop.call_soon_threadsafe(self.loop._callback_error)  # counted on the loop
             if size < 0:
                 logger.exception("pulse: on_close raised on %r", conn)
             else:

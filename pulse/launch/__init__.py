@@ -23,8 +23,10 @@ Why it is built this way:
 
 Where things are: ``app`` loads the application, ``listeners`` opens the
 sockets, ``worker`` is the child's code, ``status`` the pipe on which a
-child reports that it serves, ``policy`` decides restarts, reloads and
-stops, and ``supervisor`` runs the loop that ties them together.
+child reports that it serves (and its counters), ``policy`` decides
+restarts, reloads and stops, ``metrics`` and ``endpoint`` serve the
+workers' counters over HTTP, and ``supervisor`` runs the loop that ties
+them together.
 """
 
 from ..errors import LaunchError

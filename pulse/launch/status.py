@@ -1,17 +1,24 @@
-"""The status pipe: how a new worker tells its supervisor it is accepting, or why it failed.
+"""The status pipe: how a new worker tells its supervisor it is accepting, or why
+it failed, and (with ``--metrics``) how it reports its counters.
 
 Each worker gets the write end of its own pipe.  A message is one line: a
 kind byte (``StatusKind``), then for ``ERROR`` the text (UTF-8, newlines
-flattened).  The worker closes the pipe after ``READY``, so EOF before
-``READY`` means it died while booting.  ``StatusWriter`` is the worker's end
-and ``StatusReader`` the supervisor's; nothing else reads or writes the pipe.
+flattened), for ``STATS`` a JSON object (``pulse.Stats.as_dict()``).  The
+worker closes the pipe after ``READY``, unless it reports stats, so EOF
+before ``READY`` means it died while booting.  A stats line is written
+without blocking and under ``PIPE_BUF`` bytes, so it arrives whole or not
+at all: a supervisor that falls behind costs a report, never a stalled
+worker.  ``StatusWriter`` is the worker's end and ``StatusReader`` the
+supervisor's; nothing else reads or writes the pipe.
 """
 
 import contextlib
 import enum
+import json
 import os
+import select
 import threading
-from typing import List, NamedTuple, Tuple
+from typing import Any, Dict, List, NamedTuple, Tuple
 
 
 class StatusKind(enum.Enum):
@@ -19,6 +26,7 @@ class StatusKind(enum.Enum):
 
     READY = b"R"  #: the worker is accepting connections
     ERROR = b"E"  #: the worker failed to start; the text says why
+    STATS = b"S"  #: the worker's counters, a JSON object
 
 
 class StatusMessage(NamedTuple):
@@ -44,6 +52,8 @@ def parse(buffer: bytes) -> Tuple[List[StatusMessage], bytes]:
             messages.append(StatusMessage(StatusKind.READY))
         elif line.startswith(StatusKind.ERROR.value):
             messages.append(StatusMessage(StatusKind.ERROR, line[1:].decode("utf-8", "replace")))
+        elif line.startswith(StatusKind.STATS.value):
+            messages.append(StatusMessage(StatusKind.STATS, line[1:].decode("utf-8", "replace")))
     return messages, buffer
 
 
@@ -51,7 +61,8 @@ class StatusWriter:
     """The worker's end of its status pipe; safe from any thread.
 
     ``ready()`` sends ``READY`` once and closes the pipe; after that the
-    supervisor hears nothing more (``error()`` does nothing).
+    supervisor hears nothing more (``error()`` does nothing).  With
+    ``keep_open`` the pipe stays open, non-blocking, for ``stats()``.
     """
 
     def __init__(self, fd: int) -> None:
@@ -69,14 +80,38 @@ class StatusWriter:
         with self._lock:
             self._send(StatusMessage(StatusKind.ERROR, text))
 
-    def ready(self) -> None:
-        """Tell the supervisor the worker is accepting, and close the pipe."""
+    def ready(self, keep_open: bool = False) -> None:
+        """Tell the supervisor the worker is accepting, and close the pipe
+        (``keep_open``: leave it open for ``stats()``)."""
         with self._lock:
             self._send(StatusMessage(StatusKind.READY))
-            if self._fd >= 0:
+            if self._fd >= 0 and keep_open:
+                os.set_blocking(self._fd, False)  # stats never block the worker's loop
+            elif self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
             self._ready = True
+
+    def stats(self, snapshot: Dict[str, Any]) -> bool:
+        """Send the counters ``snapshot`` (JSON numbers); False when it was
+        dropped (the pipe is full or gone, or the line is too long)."""
+        line = StatusKind.STATS.value + json.dumps(snapshot, separators=(",", ":")).encode() + b"\n"
+        if len(line) > select.PIPE_BUF:
+            return False  # a longer write may arrive in pieces
+        with self._lock:
+            if self._fd < 0:
+                return False
+            try:
+                return os.write(self._fd, line) == len(line)
+            except OSError:  # EAGAIN: the supervisor is behind; the next report catches up
+                return False
+
+    def close(self) -> None:
+        """Close the pipe (the worker is exiting); again is harmless."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     def _send(self, message: StatusMessage) -> None:
         if self._fd >= 0:

@@ -1,7 +1,8 @@
 """The supervisor: opens the listeners, forks the workers and runs the select loop.
 
 It runs in the main thread, with no threads of its own, a ``select`` loop
-over a signal wakeup pipe and the workers' status pipes.  What it sees
+over a signal wakeup pipe and the workers' status pipes (and, with
+``metrics``, the metrics endpoint's sockets: ``metrics.py`` says why there).  What it sees
 (signals, status messages, ``waitpid`` statuses, the time) it hands to its
 ``WorkerPolicy``, which decides what to start, stop or kill; the supervisor
 owns the processes' plumbing: pipes, signal handlers, the signal mask around
@@ -17,14 +18,17 @@ import selectors
 import signal
 import threading
 import time
-from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+from ..address import parse_address
 from ..errors import LaunchError
 from ..options import Options, check_seconds
 from .app import handler_factory, resolve_workers
+from .endpoint import MetricsEndpoint
 from .listeners import ListenerSet, check_listen_args, default_reuse_port
+from .metrics import CONTENT_TYPE, REPORT_INTERVAL, MetricsBoard
 from .policy import Request, WorkerPolicy, WorkerRecord
-from .status import StatusReader
+from .status import StatusKind, StatusReader
 from .worker import WorkerSpec, WorkerStart, load_libc, worker_process
 
 logger = logging.getLogger("pulse")
@@ -68,7 +72,7 @@ class Supervisor:
     def __init__(self, handler: Any, address: Any = None, *, workers: Union[int, str] = 1,
                  fds: Sequence[int] = (), graceful_timeout: Optional[float] = None,
                  stats_interval: Optional[float] = None, reuse_port: Optional[bool] = None,
-                 ssl: Any = None, **options: Any) -> None:
+                 ssl: Any = None, metrics: Any = None, **options: Any) -> None:
         self._factory = handler_factory(handler)
         self._ssl_source = ssl
         self._ssl = _tls_context(ssl)
@@ -91,6 +95,14 @@ class Supervisor:
         self._selector: Optional[selectors.BaseSelector] = None
         self._wake_r = self._wake_w = -1
         self._lifeline_r = self._lifeline_w = -1
+        self._board = MetricsBoard(self.workers)
+        self._endpoint: Optional[MetricsEndpoint] = None
+        if metrics is not None:
+            try:
+                parse_address(metrics)  # a bad address fails here, before anything opens
+            except (TypeError, ValueError) as exc:
+                raise ValueError("metrics address: {}".format(exc)) from None
+            self._endpoint = MetricsEndpoint(metrics, self._board.render, CONTENT_TYPE)
 
     # -- public --------------------------------------------------------------
 
@@ -123,12 +135,16 @@ class Supervisor:
         try:
             self._listeners.open(self._addresses, self._fds)
             self._open_pipes()
+            if self._endpoint is not None:
+                assert self._selector is not None
+                self._endpoint.open(self._selector)
             with self._signal_handlers():
                 self._spec = WorkerSpec(
                     factory=self._factory, options=self.options,
                     stats_interval=self.stats_interval, supervisor_pid=os.getpid(),
                     supervisor_signals=tuple(self._signal_requests),
-                    lifeline_fd=self._lifeline_r, libc=load_libc(), ssl=self._ssl)
+                    lifeline_fd=self._lifeline_r, libc=load_libc(), ssl=self._ssl,
+                    report_interval=REPORT_INTERVAL if self._endpoint is not None else None)
                 self._policy.start_all()
                 self._main_loop()
         finally:
@@ -196,7 +212,7 @@ class Supervisor:
             raise
         if pid == 0:  # the worker: never returns
             inherited = (status_r, self._wake_r, self._wake_w, self._lifeline_w) + tuple(
-                w.status.fd for w in self._policy.procs.values())
+                w.status.fd for w in self._policy.procs.values()) + self._endpoint_fds()
             worker_process(self._spec, WorkerStart(
                 slot=slot, listeners=tuple(socks), status_fd=status_w, inherited_fds=inherited,
                 inherited_objects=(self._selector, *self._listeners.of_other_slots(slot)),
@@ -208,18 +224,25 @@ class Supervisor:
         self._selector.register(status_r, selectors.EVENT_READ, worker)
         return worker
 
+    def _endpoint_fds(self) -> Tuple[int, ...]:
+        return self._endpoint.fds() if self._endpoint is not None else ()
+
     # -- the supervisor's loop ---------------------------------------------
 
     def _main_loop(self) -> None:
         assert self._selector is not None
         while True:
-            for key, _ in self._selector.select(self._policy.timeout(time.monotonic())):
+            for key, events in self._selector.select(self._policy.timeout(time.monotonic())):
                 if key.data is None:
                     with contextlib.suppress(OSError):
                         while os.read(self._wake_r, 512):
                             pass
-                else:
+                elif isinstance(key.data, WorkerRecord):
                     self._read_status(key.data)
+                else:
+                    key.data(events)  # the metrics endpoint's sockets
+            if self._endpoint is not None:
+                self._endpoint.expire(time.monotonic())
             while self._requests:
                 request = self._requests.popleft()
                 if request is Request.RELOAD:
@@ -250,6 +273,8 @@ class Supervisor:
         """Hand what a worker said on its status pipe to the policy."""
         messages, eof = worker.status.read()
         for message in messages:
+            if message.kind is StatusKind.STATS:
+                self._board.report(worker.slot, worker.pid, message.text)
             self._policy.on_message(worker, message)
         if eof:
             self._close_status(worker)
@@ -271,6 +296,7 @@ class Supervisor:
                 continue
             self._read_status(worker)
             self._close_status(worker)
+            self._board.exited(worker.pid)
             self._policy.on_exit(worker, status)
 
     # -- tearing down -------------------------------------------------------
@@ -287,6 +313,8 @@ class Supervisor:
             self._close_status(procs.pop(pid))
 
     def _close_all(self) -> None:
+        if self._endpoint is not None:
+            self._endpoint.close()
         self._listeners.close()
         self._listeners.remove_unix_paths()
         if self._selector is not None:
@@ -303,7 +331,7 @@ class Supervisor:
 def serve(handler: Any, address: Any = None, *, workers: Union[int, str] = 1,
           fds: Sequence[int] = (), graceful_timeout: Optional[float] = None,
           stats_interval: Optional[float] = None, reuse_port: Optional[bool] = None,
-          ssl: Any = None, **options: Any) -> None:
+          ssl: Any = None, metrics: Any = None, **options: Any) -> None:
     """Serve ``handler`` on ``address`` with ``workers`` reactor processes.
 
     ``handler`` is a handler class, instance or factory (called once in each
@@ -312,14 +340,17 @@ def serve(handler: Any, address: Any = None, *, workers: Union[int, str] = 1,
     listening fds (``--fd``, systemd); ``workers`` a number or ``"auto"`` (one
     per core).  Other keywords are ``Server`` options; ``graceful_timeout``
     sets ``shutdown_timeout``, the time a stopping worker gives its
-    connections.  ``stats_interval`` logs each worker's connections, bytes,
-    CPU and RSS every so many seconds.  ``reuse_port`` (default: on Linux)
+    connections.  ``stats_interval`` logs each worker's ``stats()``, CPU
+    and RSS every so many seconds, one line.  ``reuse_port`` (default: on Linux)
     gives each worker its own ``SO_REUSEPORT`` socket instead of one shared.
     ``ssl`` serves TLS: a server-side ``ssl.SSLContext``, or a function
     returning one (``functools.partial(pulse.server_context, "cert.pem")``),
     which SIGHUP calls again so renewed certificates are picked up.
+    ``metrics`` (an address, ``"127.0.0.1:9100"``) serves the workers'
+    counters at ``http://ADDR/metrics`` in the Prometheus text format.
     Blocks in the main thread until SIGTERM/SIGINT; SIGHUP replaces the
     workers one at a time.  Start-up failures raise (see ``Supervisor.run``).
     """
     Supervisor(handler, address, workers=workers, fds=fds, graceful_timeout=graceful_timeout,
-               stats_interval=stats_interval, reuse_port=reuse_port, ssl=ssl, **options).run()
+               stats_interval=stats_interval, reuse_port=reuse_port, ssl=ssl, metrics=metrics,
+               **options).run()

@@ -42,7 +42,8 @@ _PR_SET_PDEATHSIG = 1
 class WorkerSpec:
     """What every worker of one supervisor run gets from it: the handler
     factory and options, the supervisor's pid, signals and lifeline, the
-    stats interval (``None``: no stats) and the TLS context."""
+    stats interval (``None``: no stats), the TLS context and the interval of
+    the stats reports on the status pipe (``None``: no ``--metrics``)."""
 
     factory: Callable[[], Any]
     options: Options
@@ -56,6 +57,8 @@ class WorkerSpec:
     libc: Any = None
     #: The server-side ``ssl.SSLContext`` (built before the fork), or None.
     ssl: Any = None
+    #: Seconds between stats reports on the status pipe (``--metrics``), or None.
+    report_interval: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -162,10 +165,12 @@ def worker_main(spec: WorkerSpec, start: WorkerStart) -> int:
     def announce() -> None:
         if not server.wait_started(BOOT_TIMEOUT):
             return
-        status.ready()
+        status.ready(keep_open=spec.report_interval is not None)
         loop = server.loop
         if spec.stats_interval and loop is not None:
             loop.call_soon_threadsafe(_start_stats, loop, start.slot, spec.stats_interval)
+        if spec.report_interval and loop is not None:
+            loop.call_soon_threadsafe(_start_reports, loop, status, spec.report_interval)
     threading.Thread(target=announce, name="pulse-announce", daemon=True).start()
     try:
         server.serve()
@@ -174,6 +179,10 @@ def worker_main(spec: WorkerSpec, start: WorkerStart) -> int:
             return boot_failed(exc)
         logger.exception("pulse: worker %d (pid %d) failed", start.slot + 1, os.getpid())
         return 1
+    finally:
+        if spec.report_interval is not None and status.ready_sent:
+            status.stats(server.stats().as_dict())  # the final counts: totals stay exact
+        status.close()
     return 0
 
 
@@ -226,27 +235,42 @@ def _close_inherited(start: WorkerStart, lifeline_fd: int) -> None:
                 os.close(fd)
 
 
+def _start_reports(loop: Any, status: StatusWriter, interval: float) -> None:
+    """In a worker's loop: send its ``stats()`` to the supervisor every
+    ``interval`` seconds (``--metrics``; see ``launch/metrics.py``)."""
+    def tick() -> None:
+        status.stats(loop.stats().as_dict())
+        loop.call_later(interval, tick)
+    tick()
+
+
 def _start_stats(loop: Any, slot: int, interval: float) -> None:
-    """In a worker's loop: log its stats every ``interval`` seconds."""
+    """In a worker's loop: log its stats every ``interval`` seconds, one line."""
     import psutil
     proc = psutil.Process()
     proc.cpu_percent(None)  # the first call only starts the measurement
-    last = [time.monotonic(), loop.bytes_in, loop.bytes_out]
+    last = [time.monotonic(), loop.stats()]
 
     def tick() -> None:
         now = time.monotonic()
         elapsed = max(now - last[0], 1e-6)
-        bytes_in, bytes_out = loop.bytes_in, loop.bytes_out
+        stats, before = loop.stats(), last[1]
         try:
             cpu = proc.cpu_percent(None)
             rss = proc.memory_info().rss
         except psutil.Error:
             cpu, rss = 0.0, 0
         logger.info("pulse: worker %d (pid %d): %d connections, in %s (%s/s), out %s (%s/s), "
-                    "cpu %.1f%%, rss %s", slot + 1, os.getpid(), loop.connections,
-                    _size(bytes_in), _size((bytes_in - last[1]) / elapsed), _size(bytes_out),
-                    _size((bytes_out - last[2]) / elapsed), cpu, _size(rss))
-        last[:] = [now, bytes_in, bytes_out]
+                    "cpu %.1f%%, rss %s, loop %.0f%% busy, %.0f iterations/s, accepted %d, "
+                    "closed %d, backlog %s, paused %d, errors %d callback %d accept",
+                    slot + 1, os.getpid(), stats.connections, _size(stats.bytes_in),
+                    _size((stats.bytes_in - before.bytes_in) / elapsed), _size(stats.bytes_out),
+                    _size((stats.bytes_out - before.bytes_out) / elapsed), cpu, _size(rss),
+                    100 * stats.utilisation_since(before),
+                    (stats.iterations - before.iterations) / elapsed, stats.accepted,
+                    stats.closed, _size(stats.write_backlog), stats.paused,
+                    stats.callback_errors, stats.accept_errors)
+        last[:] = [now, stats]
         loop.call_later(interval, tick)
     loop.call_later(interval, tick)
 
