@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Tuple, Union
 from .address import Address
 from .errors import ConnClosedError
 from .proxy_protocol import NEED_MORE, ProxyHeader, ProxyParser, ProxyProtocolError
-from .states import OPEN
 
 if TYPE_CHECKING:  # pragma: no cover
     from ssl import SSLContext, SSLObject
@@ -93,7 +92,7 @@ class ProxyGate:
 
     def __init__(self, conn: "Conn", ssl: Optional["SSLContext"]) -> None:
         self._conn = conn
-        self._loop: "EventLoop" = conn._loop
+        self._loop: "EventLoop" = conn.loop
         self._ssl = ssl  # TLS after the header, with this context
         self._parser = ProxyParser(self._loop.options.proxy_protocol)
         self._timer: Optional["TimerHandle"] = None
@@ -143,16 +142,17 @@ class ProxyGate:
         conn = self._conn
         loop = self._loop
         rest = self._parser.rest
-        conn._header_read(header, self._ssl)  # the gate is out of the slot now
-        tls = conn._tls
+        tls = conn._header_read(header, self._ssl)  # the gate is out of the slot now
         if tls is not None:
             tls.start(loop.options.ssl_handshake_timeout)
             if rest:
                 tls.feed(rest)  # a ClientHello that came in the header's segment
             return
         conn._announce()
-        if rest and conn._state == OPEN and not conn._close_called:
-            conn._deliver(memoryview(rest) if loop.zero_copy and loop.runner is None else rest)
+        if rest and not conn.closed:
+            # As a read would be: an on_open that called start_tls() put TLS
+            # in the slot, and the rest (its ClientHello) is TLS's, not on_data's.
+            conn._received(memoryview(rest) if loop.zero_copy and loop.runner is None else rest)
 
     def _refuse(self, exc: BaseException) -> None:
         """Close without a callback, logged at debug level: a port scanner or a

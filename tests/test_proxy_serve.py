@@ -297,6 +297,44 @@ def test_a_bad_tls_hello_after_a_good_header_is_quiet_too(tls_files: TLSFiles) -
     assert handler.events == []
 
 
+class Upgrader(Greeter):
+    """Speaks TLS from on_open on (``start_tls``): the server has no ``ssl=``."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__()
+        self.context = context
+
+    def on_open(self, conn: pulse.Conn) -> None:
+        conn.start_tls(self.context, server_side=True)
+
+    def on_start_tls(self, conn: pulse.Conn) -> None:
+        super().on_open(conn)
+
+
+@pytest.mark.parametrize("task_type", ["loop", "pool"])
+def test_start_tls_in_on_open_gets_the_rest_of_the_header_segment(tls_files: TLSFiles,
+                                                                   task_type: str) -> None:
+    # The ClientHello in the header's segment is the rest that the gate holds
+    # when on_open runs: it must go to the TLS that on_open started, not to
+    # on_data (it did in loop mode, and the handshake never completed).
+    handler = Upgrader(server_context(tls_files))
+    with ServerThread(handler, proxy_protocol=True, task_type=task_type) as server:
+        raw, obj, incoming, outgoing = tls_through(server.address[1], v1(CLIENT, SERVICE),
+                                                   client_context(tls_files), together=True)
+        with raw:
+            got = b""
+            deadline = time.monotonic() + 10
+            while not got.endswith(b"\n"):
+                try:
+                    got += obj.read(65536)
+                except ssl.SSLWantReadError:
+                    raw.settimeout(max(0.01, deadline - time.monotonic()))
+                    chunk = raw.recv(65536)
+                    assert chunk, "closed before the greeting"
+                    incoming.write(chunk)
+            assert ast.literal_eval(got.decode())["remote"] == CLIENT
+
+
 class Holder(Greeter):
     """Pauses in on_open, so the bytes after the header must wait for the resume."""
 
