@@ -160,9 +160,14 @@ class ProxyGate:
         self.failed = True
         self.cancel()
         conn = self._conn
-        logger.debug("pulse: PROXY protocol header from %s refused: %s",
-                     conn.remote_address, exc)
+        logger.debug("pulse: PROXY protocol header from %s refused: %s", self._peer(), exc)
         conn._fail(exc)
+
+    def _peer(self) -> Any:
+        try:
+            return self._conn.remote_address
+        except OSError:  # not kept from accept, and the socket is gone
+            return "?"
 
     def raw_eof(self) -> None:
         """The peer's FIN came before the whole header."""
@@ -183,8 +188,13 @@ class ProxyGate:
 
     def cancel(self) -> None:
         """The header was read, or the connection is closing: no timer outlives it."""
-        if self.handshaking:
-            self.failed = True  # closing before the header: nothing more is read
+        if self.handshaking and not self.failed:
+            # Closed from outside before the header's end (the peer's reset, a
+            # read error, idle_timeout, the server stopping): the same one debug
+            # line as a refusal.  (Lifecycle._close_err: the reason it closed.)
+            self.failed = True  # nothing more is read
+            logger.debug("pulse: connection from %s closed before its PROXY protocol header "
+                         "was complete: %s", self._peer(), self._conn._close_err)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -23,7 +23,7 @@ import pytest
 
 import pulse
 from proxy_support import SIGNATURE, v1, v2
-from support import MODE_IDS, MODES, ServerThread, no_leaks, recv_exactly, wait_for
+from support import MODE_IDS, MODES, ServerThread, hard_reset, no_leaks, recv_exactly, wait_for
 from tls_support import TLSFiles, client_context, server_context
 
 pytestmark = pytest.mark.timeout(60)
@@ -185,6 +185,30 @@ def test_a_slow_or_cut_header_is_closed(caplog: pytest.LogCaptureFixture) -> Non
     assert len(messages) == 2
     assert "proxy_protocol_timeout" in messages[0] and "before its PROXY" in messages[1]
     assert handler.events == []
+
+
+@pytest.mark.parametrize("trigger,task_type", [("edge", "loop"), ("level", "pool")])
+def test_a_reset_mid_header_is_one_debug_line_and_frees_its_slot(
+        trigger: str, task_type: str, caplog: pytest.LogCaptureFixture) -> None:
+    handler = Greeter()
+    caplog.set_level(logging.DEBUG, logger="pulse")
+    with no_leaks(), ServerThread(handler, proxy_protocol=True, max_connections=1,
+                                  trigger=trigger, task_type=task_type) as server:
+        loop = server.server.loop
+        assert loop is not None
+        sock = server.connect()
+        sock.sendall(b"PROXY TCP4 1.2")
+        wait_for(lambda: loop.connections == 1, what="the connection accepted")
+        hard_reset(sock)
+        wait_for(lambda: loop.occupied == 0, what="the slot freed")
+        with server.connect() as sock:  # the one slot is free again
+            sock.sendall(v1(CLIENT, SERVICE))
+            assert greeting(sock, time.monotonic() + 10)["remote"] == CLIENT
+    lines = [r for r in caplog.records if "PROXY protocol header" in r.getMessage()]
+    # (It closed with no line at all: a reset is not the gate's refusal.)
+    assert len(lines) == 1 and lines[0].levelno == logging.DEBUG, lines
+    assert "before its PROXY protocol header was complete" in lines[0].getMessage()
+    assert [kind for kind, _ in handler.events] == ["open", "close"]
 
 
 def test_only_trusted_peers_may_send_headers(caplog: pytest.LogCaptureFixture) -> None:
