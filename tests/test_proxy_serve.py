@@ -134,6 +134,88 @@ def test_a_header_in_pieces_and_a_large_payload_in_its_segment(trigger: str, ste
                 assert recv_exactly(sock, len(payload), deadline) == payload
 
 
+class HeaderEcho(pulse.Handler):
+    """Answers the header with itself (as the v1 line it was), then echoes;
+    ``pause`` holds the rest of the header's segment for 50 ms."""
+
+    def __init__(self, pause: bool) -> None:
+        self.pause = pause
+        self.closes: List[Optional[BaseException]] = []
+        self.lock = threading.Lock()
+
+    def on_open(self, conn: pulse.Conn) -> None:
+        conn.write(v1(CLIENT, SERVICE))
+        if self.pause:
+            conn.pause_reading()
+            conn.call_later(0.05, conn.resume_reading)
+
+    def on_data(self, conn: pulse.Conn, data: Any) -> None:
+        conn.write(bytes(data))
+
+    def on_close(self, conn: pulse.Conn, err: Optional[BaseException]) -> None:
+        with self.lock:
+            self.closes.append(err)
+
+
+def _send_then_fin(address: Tuple[str, int], message: bytes, errors: List[str]) -> None:
+    """Send ``message`` and a FIN from one thread, read the echo to EOF in another."""
+    try:
+        with socket.create_connection(address, timeout=20) as sock:
+            def send() -> None:
+                sock.sendall(message)
+                sock.shutdown(socket.SHUT_WR)
+            sender = threading.Thread(target=send)
+            sender.start()
+            got = bytearray()
+            while True:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    break
+                got += chunk
+            sender.join(20)
+            if bytes(got) != message:
+                errors.append("{} of {} bytes, equal prefix: {}".format(
+                    len(got), len(message), message.startswith(bytes(got))))
+    except OSError as exc:
+        errors.append(repr(exc))
+
+
+@pytest.mark.parametrize("trigger,task_type,zero_copy",
+                         [mode + (False,) for mode in MODES] + [("edge", "loop", True)],
+                         ids=MODE_IDS + ["edge-loop-zero_copy"])
+@pytest.mark.parametrize("pause", [False, True], ids=["", "paused"])
+def test_every_byte_after_the_header_once_and_in_order(trigger: str, task_type: str,
+                                                       zero_copy: bool, pause: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Header, 2 MiB and a FIN sent at once by 4 clients: the rest of the
+    # header's segment goes through the gate, the bytes after it through the
+    # arena and (large reads) direct reads, then on_eof and on_close.
+    from pulse.loop import EventLoop
+    direct = []
+    read_direct = EventLoop._read_direct
+
+    def counted(self: EventLoop, conn: Any, flags: int) -> None:
+        direct.append(1)
+        read_direct(self, conn, flags)
+    monkeypatch.setattr(EventLoop, "_read_direct", counted)
+    handler = HeaderEcho(pause)
+    header = v1(CLIENT, SERVICE)
+    messages = [header + bytes([i]) * 7 + bytes(range(256)) * 8192 for i in range(4)]
+    errors: List[str] = []
+    with no_leaks(), ServerThread(handler, proxy_protocol=True, trigger=trigger,
+                                  task_type=task_type, zero_copy=zero_copy) as server:
+        clients = [threading.Thread(target=_send_then_fin, args=(server.address, m, errors))
+                   for m in messages]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(40)
+        assert not errors, errors
+        wait_for(lambda: len(handler.closes) == 4, what="every on_close")
+    assert handler.closes == [None] * 4
+    assert direct or zero_copy, "no direct read: the case was not exercised"
+
+
 def test_local_and_unknown_keep_the_real_addresses() -> None:
     handler = Greeter()
     with ServerThread(handler, proxy_protocol=True) as server:
