@@ -11,12 +11,15 @@ with one debug line and no callback at all.  The failures: a peer outside
 ``proxy_protocol_trusted`` (closed at once, before a byte is read), a
 malformed or oversized header (``proxy_protocol.py`` refuses it at its
 first wrong byte), a FIN before the header's end, and no header within
-``proxy_protocol_timeout``.
+``proxy_protocol_timeout``.  A connection that ends otherwise before its
+header (a reset, ``idle_timeout``, the server stopping) gets the same one
+debug line.
 
 Once the header is in, the gate steps aside: the connection reports the
 addresses it carried (``Proxied``, a base of ``Conn``), then either TLS
 takes its place and is fed exactly the bytes after the header, or
-``on_open`` runs and the rest of the chunk is the first ``on_data``.
+``on_open`` runs and the rest of the chunk is the first ``on_data`` (or
+goes to the TLS that an ``on_open`` calling ``start_tls()`` started).
 """
 
 import logging
@@ -164,6 +167,7 @@ class ProxyGate:
         conn._fail(exc)
 
     def _peer(self) -> Any:
+        """The socket's peer, for the log line (``"?"`` if it cannot be read)."""
         try:
             return self._conn.remote_address
         except OSError:  # not kept from accept, and the socket is gone
