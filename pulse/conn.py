@@ -329,16 +329,19 @@ class Conn(Lifecycle, Proxied):
         self._tls = layer
         self._quiet = quiet
 
-    def _header_read(self, header: "ProxyHeader", ssl: Optional["SSLContext"]) -> None:
+    def _header_read(self, header: "ProxyHeader", ssl: Optional["SSLContext"]) -> Optional["TLS"]:
         """The PROXY header was read: its addresses stand for the socket's
-        (``proxy_address`` keeps the real peer), and TLS follows with ``ssl``."""
+        (``proxy_address`` keeps the real peer), and TLS follows with ``ssl``
+        (returned, to be started; ``None`` without)."""
         self._proxy = (self.remote_address, header)
         if header.source is not None:  # not LOCAL, UNKNOWN or UNSPEC
             self._raddr = header.source
             self._laddr = header.destination
         self._set_layer(None, self._quiet)
-        if ssl is not None:
-            self._use_tls(ssl, True, None, quiet=True)
+        if ssl is None:
+            return None
+        self._use_tls(ssl, True, None, quiet=True)
+        return self._tls  # type: ignore[return-value] # the TLS just set
 
     def pause_reading(self) -> None:
         """Stop delivering ``on_data`` until ``resume_reading()``; safe from any thread.

@@ -282,8 +282,8 @@ class Lifecycle(Outgoing):
         if tls is not None and self._state == OPEN:
             if tls.handshaking:
                 if self._loop.stopping:
-                    self._fail(ConnectionAbortedError("the event loop stopped during the TLS "
-                                                      "handshake"))
+                    self._fail(ConnectionAbortedError("the event loop stopped during the "
+                                                      "TLS handshake or PROXY header"))
                 # else: the handshake's end (_announce) closes it
                 return
             tls.send_close_notify()  # behind everything written

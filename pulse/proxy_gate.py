@@ -11,12 +11,15 @@ with one debug line and no callback at all.  The failures: a peer outside
 ``proxy_protocol_trusted`` (closed at once, before a byte is read), a
 malformed or oversized header (``proxy_protocol.py`` refuses it at its
 first wrong byte), a FIN before the header's end, and no header within
-``proxy_protocol_timeout``.
+``proxy_protocol_timeout``.  A connection that ends otherwise before its
+header (a reset, ``idle_timeout``, the server stopping) gets the same one
+debug line.
 
 Once the header is in, the gate steps aside: the connection reports the
 addresses it carried (``Proxied``, a base of ``Conn``), then either TLS
 takes its place and is fed exactly the bytes after the header, or
-``on_open`` runs and the rest of the chunk is the first ``on_data``.
+``on_open`` runs and the rest of the chunk is the first ``on_data`` (or
+goes to the TLS that an ``on_open`` calling ``start_tls()`` started).
 """
 
 import logging
@@ -25,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Tuple, Union
 from .address import Address
 from .errors import ConnClosedError
 from .proxy_protocol import NEED_MORE, ProxyHeader, ProxyParser, ProxyProtocolError
-from .states import OPEN
 
 if TYPE_CHECKING:  # pragma: no cover
     from ssl import SSLContext, SSLObject
@@ -93,7 +95,7 @@ class ProxyGate:
 
     def __init__(self, conn: "Conn", ssl: Optional["SSLContext"]) -> None:
         self._conn = conn
-        self._loop: "EventLoop" = conn._loop
+        self._loop: "EventLoop" = conn.loop
         self._ssl = ssl  # TLS after the header, with this context
         self._parser = ProxyParser(self._loop.options.proxy_protocol)
         self._timer: Optional["TimerHandle"] = None
@@ -143,16 +145,17 @@ class ProxyGate:
         conn = self._conn
         loop = self._loop
         rest = self._parser.rest
-        conn._header_read(header, self._ssl)  # the gate is out of the slot now
-        tls = conn._tls
+        tls = conn._header_read(header, self._ssl)  # the gate is out of the slot now
         if tls is not None:
             tls.start(loop.options.ssl_handshake_timeout)
             if rest:
                 tls.feed(rest)  # a ClientHello that came in the header's segment
             return
         conn._announce()
-        if rest and conn._state == OPEN and not conn._close_called:
-            conn._deliver(memoryview(rest) if loop.zero_copy and loop.runner is None else rest)
+        if rest and not conn.closed:
+            # As a read would be: an on_open that called start_tls() put TLS
+            # in the slot, and the rest (its ClientHello) is TLS's, not on_data's.
+            conn._received(memoryview(rest) if loop.zero_copy and loop.runner is None else rest)
 
     def _refuse(self, exc: BaseException) -> None:
         """Close without a callback, logged at debug level: a port scanner or a
@@ -160,9 +163,15 @@ class ProxyGate:
         self.failed = True
         self.cancel()
         conn = self._conn
-        logger.debug("pulse: PROXY protocol header from %s refused: %s",
-                     conn.remote_address, exc)
+        logger.debug("pulse: PROXY protocol header from %s refused: %s", self._peer(), exc)
         conn._fail(exc)
+
+    def _peer(self) -> Any:
+        """The socket's peer, for the log line (``"?"`` if it cannot be read)."""
+        try:
+            return self._conn.remote_address
+        except OSError:  # not kept from accept, and the socket is gone
+            return "?"
 
     def raw_eof(self) -> None:
         """The peer's FIN came before the whole header."""
@@ -183,8 +192,13 @@ class ProxyGate:
 
     def cancel(self) -> None:
         """The header was read, or the connection is closing: no timer outlives it."""
-        if self.handshaking:
-            self.failed = True  # closing before the header: nothing more is read
+        if self.handshaking and not self.failed:
+            # Closed from outside before the header's end (the peer's reset, a
+            # read error, idle_timeout, the server stopping): the same one debug
+            # line as a refusal.  (Lifecycle._close_err: the reason it closed.)
+            self.failed = True  # nothing more is read
+            logger.debug("pulse: connection from %s closed before its PROXY protocol header "
+                         "was complete: %s", self._peer(), self._conn._close_err)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

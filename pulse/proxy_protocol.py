@@ -452,9 +452,10 @@ def _check_crc32c(header: bytes, value: bytes, address_size: int) -> None:
         pos += 3 + ((header[pos + 1] << 8) | header[pos + 2])
     zeroed = header[:pos + 3] + b"\x00\x00\x00\x00" + header[pos + 7:]
     expected = struct.unpack("!I", value)[0]
-    if crc32c(zeroed) != expected:
+    actual = crc32c(zeroed)  # once: ~0.1 us a byte in Python, and any peer may send 4 KiB
+    if actual != expected:
         raise ProxyProtocolError("PROXY protocol v2: the CRC32C TLV says 0x{:08x}, the header's "
-                                 "checksum is 0x{:08x}".format(expected, crc32c(zeroed)))
+                                 "checksum is 0x{:08x}".format(expected, actual))
 
 
 def _v2_tlvs(data: bytes) -> List[Tuple[int, bytes]]:

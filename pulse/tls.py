@@ -121,7 +121,11 @@ def upgrade(conn: "Conn", context: ssl.SSLContext, server_side: bool,
 
 
 class TLS:
-    """One connection's TLS session (loop thread only; ``Lifecycle`` owns it)."""
+    """One connection's TLS session (loop thread only; ``Lifecycle`` owns it).
+
+    Of its ``Conn`` it reads ``_loop``, ``_state`` and ``_close_called`` (and
+    ``upgrade`` the ``_tls`` it just set) and changes it only through its methods.
+    """
 
     __slots__ = ("_conn", "_loop", "_incoming", "_outgoing", "obj", "handshaking",
                  "_pending", "_notify_wanted", "_notify_sent", "_eof_fed", "_timer",

@@ -23,7 +23,7 @@ import pytest
 
 import pulse
 from proxy_support import SIGNATURE, v1, v2
-from support import MODE_IDS, MODES, ServerThread, no_leaks, recv_exactly, wait_for
+from support import MODE_IDS, MODES, ServerThread, hard_reset, no_leaks, recv_exactly, wait_for
 from tls_support import TLSFiles, client_context, server_context
 
 pytestmark = pytest.mark.timeout(60)
@@ -134,6 +134,88 @@ def test_a_header_in_pieces_and_a_large_payload_in_its_segment(trigger: str, ste
                 assert recv_exactly(sock, len(payload), deadline) == payload
 
 
+class HeaderEcho(pulse.Handler):
+    """Answers the header with itself (as the v1 line it was), then echoes;
+    ``pause`` holds the rest of the header's segment for 50 ms."""
+
+    def __init__(self, pause: bool) -> None:
+        self.pause = pause
+        self.closes: List[Optional[BaseException]] = []
+        self.lock = threading.Lock()
+
+    def on_open(self, conn: pulse.Conn) -> None:
+        conn.write(v1(CLIENT, SERVICE))
+        if self.pause:
+            conn.pause_reading()
+            conn.call_later(0.05, conn.resume_reading)
+
+    def on_data(self, conn: pulse.Conn, data: Any) -> None:
+        conn.write(bytes(data))
+
+    def on_close(self, conn: pulse.Conn, err: Optional[BaseException]) -> None:
+        with self.lock:
+            self.closes.append(err)
+
+
+def _send_then_fin(address: Tuple[str, int], message: bytes, errors: List[str]) -> None:
+    """Send ``message`` and a FIN from one thread, read the echo to EOF in another."""
+    try:
+        with socket.create_connection(address, timeout=20) as sock:
+            def send() -> None:
+                sock.sendall(message)
+                sock.shutdown(socket.SHUT_WR)
+            sender = threading.Thread(target=send)
+            sender.start()
+            got = bytearray()
+            while True:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    break
+                got += chunk
+            sender.join(20)
+            if bytes(got) != message:
+                errors.append("{} of {} bytes, equal prefix: {}".format(
+                    len(got), len(message), message.startswith(bytes(got))))
+    except OSError as exc:
+        errors.append(repr(exc))
+
+
+@pytest.mark.parametrize("trigger,task_type,zero_copy",
+                         [mode + (False,) for mode in MODES] + [("edge", "loop", True)],
+                         ids=MODE_IDS + ["edge-loop-zero_copy"])
+@pytest.mark.parametrize("pause", [False, True], ids=["", "paused"])
+def test_every_byte_after_the_header_once_and_in_order(trigger: str, task_type: str,
+                                                       zero_copy: bool, pause: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Header, 2 MiB and a FIN sent at once by 4 clients: the rest of the
+    # header's segment goes through the gate, the bytes after it through the
+    # arena and (large reads) direct reads, then on_eof and on_close.
+    from pulse.loop import EventLoop
+    direct = []
+    read_direct = EventLoop._read_direct
+
+    def counted(self: EventLoop, conn: Any, flags: int) -> None:
+        direct.append(1)
+        read_direct(self, conn, flags)
+    monkeypatch.setattr(EventLoop, "_read_direct", counted)
+    handler = HeaderEcho(pause)
+    header = v1(CLIENT, SERVICE)
+    messages = [header + bytes([i]) * 7 + bytes(range(256)) * 8192 for i in range(4)]
+    errors: List[str] = []
+    with no_leaks(), ServerThread(handler, proxy_protocol=True, trigger=trigger,
+                                  task_type=task_type, zero_copy=zero_copy) as server:
+        clients = [threading.Thread(target=_send_then_fin, args=(server.address, m, errors))
+                   for m in messages]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(40)
+        assert not errors, errors
+        wait_for(lambda: len(handler.closes) == 4, what="every on_close")
+    assert handler.closes == [None] * 4
+    assert direct or zero_copy, "no direct read: the case was not exercised"
+
+
 def test_local_and_unknown_keep_the_real_addresses() -> None:
     handler = Greeter()
     with ServerThread(handler, proxy_protocol=True) as server:
@@ -185,6 +267,30 @@ def test_a_slow_or_cut_header_is_closed(caplog: pytest.LogCaptureFixture) -> Non
     assert len(messages) == 2
     assert "proxy_protocol_timeout" in messages[0] and "before its PROXY" in messages[1]
     assert handler.events == []
+
+
+@pytest.mark.parametrize("trigger,task_type", [("edge", "loop"), ("level", "pool")])
+def test_a_reset_mid_header_is_one_debug_line_and_frees_its_slot(
+        trigger: str, task_type: str, caplog: pytest.LogCaptureFixture) -> None:
+    handler = Greeter()
+    caplog.set_level(logging.DEBUG, logger="pulse")
+    with no_leaks(), ServerThread(handler, proxy_protocol=True, max_connections=1,
+                                  trigger=trigger, task_type=task_type) as server:
+        loop = server.server.loop
+        assert loop is not None
+        sock = server.connect()
+        sock.sendall(b"PROXY TCP4 1.2")
+        wait_for(lambda: loop.connections == 1, what="the connection accepted")
+        hard_reset(sock)
+        wait_for(lambda: loop.occupied == 0, what="the slot freed")
+        with server.connect() as sock:  # the one slot is free again
+            sock.sendall(v1(CLIENT, SERVICE))
+            assert greeting(sock, time.monotonic() + 10)["remote"] == CLIENT
+    lines = [r for r in caplog.records if "PROXY protocol header" in r.getMessage()]
+    # (It closed with no line at all: a reset is not the gate's refusal.)
+    assert len(lines) == 1 and lines[0].levelno == logging.DEBUG, lines
+    assert "before its PROXY protocol header was complete" in lines[0].getMessage()
+    assert [kind for kind, _ in handler.events] == ["open", "close"]
 
 
 def test_only_trusted_peers_may_send_headers(caplog: pytest.LogCaptureFixture) -> None:
@@ -295,6 +401,44 @@ def test_a_bad_tls_hello_after_a_good_header_is_quiet_too(tls_files: TLSFiles) -
             except ConnectionResetError:
                 pass
     assert handler.events == []
+
+
+class Upgrader(Greeter):
+    """Speaks TLS from on_open on (``start_tls``): the server has no ``ssl=``."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__()
+        self.context = context
+
+    def on_open(self, conn: pulse.Conn) -> None:
+        conn.start_tls(self.context, server_side=True)
+
+    def on_start_tls(self, conn: pulse.Conn) -> None:
+        super().on_open(conn)
+
+
+@pytest.mark.parametrize("task_type", ["loop", "pool"])
+def test_start_tls_in_on_open_gets_the_rest_of_the_header_segment(tls_files: TLSFiles,
+                                                                   task_type: str) -> None:
+    # The ClientHello in the header's segment is the rest that the gate holds
+    # when on_open runs: it must go to the TLS that on_open started, not to
+    # on_data (it did in loop mode, and the handshake never completed).
+    handler = Upgrader(server_context(tls_files))
+    with ServerThread(handler, proxy_protocol=True, task_type=task_type) as server:
+        raw, obj, incoming, outgoing = tls_through(server.address[1], v1(CLIENT, SERVICE),
+                                                   client_context(tls_files), together=True)
+        with raw:
+            got = b""
+            deadline = time.monotonic() + 10
+            while not got.endswith(b"\n"):
+                try:
+                    got += obj.read(65536)
+                except ssl.SSLWantReadError:
+                    raw.settimeout(max(0.01, deadline - time.monotonic()))
+                    chunk = raw.recv(65536)
+                    assert chunk, "closed before the greeting"
+                    incoming.write(chunk)
+            assert ast.literal_eval(got.decode())["remote"] == CLIENT
 
 
 class Holder(Greeter):
