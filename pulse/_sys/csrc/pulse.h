@@ -21,6 +21,7 @@
 
 #include <errno.h>        /* the E* constants of common.cdef */
 #include <stddef.h>       /* size_t */
+#include <stdint.h>       /* uint32_t */
 #include <unistd.h>       /* close */
 #include <sys/types.h>    /* ssize_t */
 #include <sys/socket.h>   /* socklen_t, struct sockaddr_storage, SOL_SOCKET, SHUT_* */
@@ -59,6 +60,8 @@ int pulse_accept_batch(int lfd, int pollfd, int nodelay, int edge, int *out, int
                        char *addrs, int *addrlens, int *drops);
 int pulse_send_batch(const int *items, int n, const char *arena, int *results);
 ssize_t pulse_send(int fd, const char *buf, size_t len);
+/* CRC32c (Castagnoli) of data: the PROXY protocol v2 checksum. */
+uint32_t pulse_crc32c(const unsigned char *data, size_t len);
 ssize_t pulse_writev(int fd, const struct iovec *iov, int iovcnt);
 int pulse_sockaddr(int fd, int peer, char *host, int hostlen, int *port, int *used);
 
