@@ -200,6 +200,30 @@ class Book(pulse.Handler):
                 assert rec.late_data == 0, "on_data after on_close"
 
 
+def connected_client(address: Any, rcvbuf: int = 0) -> socket.socket:
+    """A blocking client socket (10 s timeout) connected to ``address``;
+    ``rcvbuf`` sets SO_RCVBUF before the connect, so the window stays small."""
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect
+    sock.settimeout(10)
+    sock.connect(address)
+    return sock
+
+
+def pipeline_behind_the_reply(sock: socket.socket, replied: threading.Event,
+                              pipelined: bytes) -> Tuple[bytes, str]:
+    """Send one request, wait until the server answered it (and closes), send
+    ``pipelined`` behind it, left unread in the server's kernel, then read to
+    the end: ``read_to_end``'s (data, how)."""
+    sock.sendall(b"GET /1 HTTP/1.1\r\n\r\n")
+    assert replied.wait(10), "the server never answered"
+    time.sleep(0.05)
+    sock.sendall(pipelined)
+    time.sleep(0.1)  # the pipelined requests sit unread in the server's kernel
+    return read_to_end(sock, time.monotonic() + 10)
+
+
 @contextlib.contextmanager
 def loop_stalled(loop: Any, timeout: float = 5.0) -> Iterator[None]:
     """Hold ``loop`` inside a callback for the duration of the block.

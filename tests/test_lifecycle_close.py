@@ -24,24 +24,15 @@ from typing import Any, List, Optional
 import pytest
 
 import pulse
-from lifecycle_support import (Book, PlainPeer, counter_bytes, describe, expect_stream,
-                               loop_stalled, read_to_end, running_client, start_proxy,
-                               stop_proxy)
+from lifecycle_support import (Book, PlainPeer, connected_client, counter_bytes, describe,
+                               expect_stream, loop_stalled, pipeline_behind_the_reply,
+                               read_to_end, running_client, start_proxy, stop_proxy)
 from support import MODE_IDS, MODES, ServerThread, free_port, no_leaks, on_loop, wait_for
 
 pytestmark = [pytest.mark.timeout(60),
               pytest.mark.parametrize("trigger,task_type", MODES, ids=MODE_IDS)]
 
 MiB = 1024 * 1024
-
-
-def _client(address: Any, rcvbuf: int = 0) -> socket.socket:
-    sock = socket.socket()
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect
-    sock.settimeout(10)
-    sock.connect(address)
-    return sock
 
 
 class ReplyThenClose(Book):
@@ -88,15 +79,11 @@ def test_graceful_close_with_unread_input_delivers_the_whole_reply(
     handler = ReplyThenClose(reply)
     with no_leaks():
         with ServerThread(handler, trigger=trigger, task_type=task_type) as srv:
-            sock = _client(srv.address, 64 * 1024)
+            sock = connected_client(srv.address, 64 * 1024)
             try:
                 rec = handler.record_for(sock)
-                sock.sendall(b"GET /1 HTTP/1.1\r\n\r\n")
-                assert handler.replied.wait(10), "the server never answered"
-                time.sleep(0.05)
-                sock.sendall(b"GET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n")
-                time.sleep(0.1)  # the pipelined requests sit unread in the server's kernel
-                data, how = read_to_end(sock, time.monotonic() + 10)
+                data, how = pipeline_behind_the_reply(
+                    sock, handler.replied, b"GET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n")
                 expect_stream(data, how, reply)
             finally:
                 sock.close()
@@ -126,7 +113,7 @@ def test_linger_timeout_zero_closes_at_once(trigger: str, task_type: str) -> Non
     with no_leaks():
         with ServerThread(handler, trigger=trigger, task_type=task_type,
                           linger_timeout=0) as srv:
-            sock = _client(srv.address)
+            sock = connected_client(srv.address)
             try:
                 rec = handler.record_for(sock)
                 sock.sendall(b"request")
@@ -159,15 +146,11 @@ def test_linger_timeout_zero_with_unread_input_is_the_plain_close(
     with no_leaks():
         with ServerThread(handler, trigger=trigger, task_type=task_type,
                           linger_timeout=0) as srv:
-            sock = _client(srv.address, 64 * 1024)
+            sock = connected_client(srv.address, 64 * 1024)
             try:
                 rec = handler.record_for(sock)
-                sock.sendall(b"GET /1 HTTP/1.1\r\n\r\n")
-                assert handler.replied.wait(10), "the server never answered"
-                time.sleep(0.05)
-                sock.sendall(b"GET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n")
-                time.sleep(0.1)
-                data, how = read_to_end(sock, time.monotonic() + 10)
+                data, how = pipeline_behind_the_reply(
+                    sock, handler.replied, b"GET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n")
                 if not (how in ("eof", "reset") and reply.startswith(data)):
                     raise AssertionError("the client got " + describe(data, reply, how))
                 handler.wait_closed(rec, 1.0)  # closed without waiting for the client
@@ -195,15 +178,11 @@ def test_lingering_close_ends_after_linger_timeout_without_peer_eof(
     with no_leaks():
         with ServerThread(handler, trigger=trigger, task_type=task_type,
                           linger_timeout=0.5) as srv:
-            sock = _client(srv.address, 64 * 1024)
+            sock = connected_client(srv.address, 64 * 1024)
             try:
                 rec = handler.record_for(sock)
-                sock.sendall(b"GET /1 HTTP/1.1\r\n\r\n")
-                assert handler.replied.wait(10), "the server never answered"
-                time.sleep(0.05)
-                sock.sendall(b"GET /2 HTTP/1.1\r\n\r\n")
-                time.sleep(0.1)
-                data, how = read_to_end(sock, time.monotonic() + 10)
+                data, how = pipeline_behind_the_reply(sock, handler.replied,
+                                                      b"GET /2 HTTP/1.1\r\n\r\n")
                 eof_at = time.monotonic()
                 expect_stream(data, how, reply)
                 handler.wait_closed(rec, 3.0)
@@ -258,7 +237,7 @@ def test_write_eof_shuts_our_side_and_keeps_reading(trigger: str, task_type: str
     handler = HalfCloser()
     with no_leaks():
         with ServerThread(handler, trigger=trigger, task_type=task_type) as srv:
-            sock = _client(srv.address, 64 * 1024)
+            sock = connected_client(srv.address, 64 * 1024)
             try:
                 rec = handler.record_for(sock)
                 sock.sendall(b"request")
@@ -326,7 +305,7 @@ def test_on_eof_true_keeps_the_connection_open_for_a_late_reply(
     handler = LateReply()
     with no_leaks():
         with ServerThread(handler, trigger=trigger, task_type=task_type) as srv:
-            sock = _client(srv.address)
+            sock = connected_client(srv.address)
             try:
                 rec = handler.record_for(sock)
                 sock.sendall(request)
@@ -391,7 +370,7 @@ def test_without_on_eof_the_fin_still_closes(trigger: str, task_type: str, style
     handler = NoHalfClose()
     with no_leaks():
         with ServerThread(handler, trigger=trigger, task_type=task_type) as srv:
-            sock = _client(srv.address)
+            sock = connected_client(srv.address)
             try:
                 rec = handler.record_for(sock)
                 sock.sendall(b"request")
@@ -440,7 +419,7 @@ def test_proxy_forwards_the_clients_eof_and_returns_the_answer(
     upstream = PlainPeer(_count_then_answer, timeout=5)
     proc, port = start_proxy(upstream.address, trigger, task_type)
     try:
-        sock = _client(("127.0.0.1", port))
+        sock = connected_client(("127.0.0.1", port))
         try:
             sock.sendall(request)
             sock.shutdown(socket.SHUT_WR)
@@ -469,7 +448,7 @@ def test_proxy_forwards_the_upstreams_eof_and_keeps_carrying_the_client(
     upstream = PlainPeer(_banner_then_read, timeout=5)
     proc, port = start_proxy(upstream.address, trigger, task_type)
     try:
-        sock = _client(("127.0.0.1", port))
+        sock = connected_client(("127.0.0.1", port))
         try:
             data, how = read_to_end(sock, time.monotonic() + 5)
             assert (data, how) == (b"banner from upstream", "eof"), \
@@ -603,7 +582,7 @@ def test_abort_drops_the_writes_of_the_same_callback_and_resets(
     handler = Aborter()
     with no_leaks():
         with ServerThread(handler, trigger=trigger, task_type=task_type) as srv:
-            sock = _client(srv.address)
+            sock = connected_client(srv.address)
             try:
                 rec = handler.record_for(sock)
                 sock.sendall(b"go")
@@ -646,7 +625,7 @@ def test_abort_with_a_backlog_resets_instead_of_finishing_the_stream(
     handler = Blaster()
     with no_leaks():
         with ServerThread(handler, trigger=trigger, task_type=task_type) as srv:
-            sock = _client(srv.address, 64 * 1024)
+            sock = connected_client(srv.address, 64 * 1024)
             try:
                 rec = handler.record_for(sock)
                 sock.sendall(b"go")

@@ -12,7 +12,6 @@ filled behind pulse's back, so the bad interleaving happens on every run.
 Every client talks to 127.0.0.1 and every wait has a deadline.
 """
 
-import socket
 import threading
 import time
 from typing import Any, List
@@ -20,8 +19,8 @@ from typing import Any, List
 import pytest
 
 import pulse
-from lifecycle_support import (Book, CarryWatch, counter_bytes, expect_bytes, fill_kernel,
-                               loop_stalled)
+from lifecycle_support import (Book, CarryWatch, connected_client, counter_bytes, expect_bytes,
+                               fill_kernel, loop_stalled)
 from support import MODE_IDS, MODES, ServerThread, no_leaks, on_loop, recv_exactly, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -30,15 +29,6 @@ LOOP_MODES = [(trigger, "loop") for trigger in ("edge", "level")]
 LOOP_MODE_IDS = ["{}-loop".format(trigger) for trigger, _ in LOOP_MODES]
 EDGE_MODES = [("edge", task) for task in ("loop", "pool", "thread")]
 EDGE_MODE_IDS = ["edge-{}".format(task) for _, task in EDGE_MODES]
-
-
-def _client(address: Any, rcvbuf: int = 0) -> socket.socket:
-    sock = socket.socket()
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect
-    sock.settimeout(10)
-    sock.connect(address)
-    return sock
 
 
 # -- finding 5 ----------------------------------------------------------------
@@ -89,8 +79,8 @@ def test_write_from_on_pause_writing_during_a_flush_stays_with_its_connection(
     with no_leaks():
         with ServerThread(handler, trigger=trigger, task_type=task_type,
                           write_buffer_high_water=1024) as srv:
-            socks = [_client(srv.address, 64 * 1024), _client(srv.address, 64 * 1024),
-                     _client(srv.address)]
+            socks = [connected_client(srv.address, 64 * 1024),
+                     connected_client(srv.address, 64 * 1024), connected_client(srv.address)]
             try:
                 recs = [handler.record_for(sock) for sock in socks]
                 a, b, c = (rec.conn for rec in recs)
@@ -181,7 +171,7 @@ def test_resume_reading_during_a_dispatch_keeps_the_held_chunks_first(
     with no_leaks():
         with ServerThread(handler, trigger=trigger, task_type=task_type,
                           read_buffer_size=chunk, max_reads_per_event=2) as srv:
-            sx, sy = _client(srv.address), _client(srv.address)
+            sx, sy = connected_client(srv.address), connected_client(srv.address)
             try:
                 rx, ry = handler.record_for(sx), handler.record_for(sy)
                 handler.x, handler.y = rx.conn, ry.conn
@@ -255,7 +245,7 @@ def test_edge_carry_holds_each_busy_connection_once(trigger: str, task_type: str
         with ServerThread(handler, trigger=trigger, task_type=task_type,
                           read_buffer_size=4096, max_reads_per_event=1) as srv:
             watch = on_loop(srv.server.loop, lambda: CarryWatch(srv.server.loop))
-            sock = _client(srv.address)
+            sock = connected_client(srv.address)
             try:
                 blob = counter_bytes(1 << 20, 13)
                 sender = threading.Thread(target=lambda: [sock.sendall(blob) for _ in range(20)])
@@ -305,7 +295,7 @@ def test_draining_800k_small_writes_never_blocks_the_loop(trigger: str, task_typ
         with ServerThread(handler, trigger=trigger, task_type=task_type,
                           write_buffer_high_water=1 << 30) as srv:
             loop = srv.server.loop
-            sock = _client(srv.address, 64 * 1024)
+            sock = connected_client(srv.address, 64 * 1024)
             try:
                 conn = handler.record_for(sock).conn
 
