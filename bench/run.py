@@ -136,7 +136,9 @@ class Server:
     interpreter (plus ``args``), or a compiled C ``binary`` (a key into the
     built binaries); ``needs`` lists modules the interpreter must import;
     ``tls`` says it takes ``--certfile``/``--keyfile`` (the TLS cases skip the
-    others)."""
+    others); ``pypy`` runs the script under ``--pypy`` instead of ``--python``,
+    with ``--pypy-warmup`` seconds of load before the window so that the JIT
+    has compiled the hot loops."""
 
     name: str
     script: Optional[Path] = None
@@ -144,12 +146,14 @@ class Server:
     args: Tuple[str, ...] = ()
     needs: Tuple[str, ...] = ()
     tls: bool = False
+    pypy: bool = False
 
 
 SERVERS: Dict[str, Server] = {
     "pulse": Server("pulse", script=REPO / "examples" / "echo_server.py", tls=True),
     "pulse-level": Server("pulse-level", script=REPO / "examples" / "echo_server.py",
                           args=("--trigger", "level"), tls=True),
+    "pulse-pypy": Server("pulse-pypy", script=REPO / "examples" / "echo_server.py", tls=True, pypy=True),
     "uvloop": Server("uvloop", script=HERE / "servers" / "uvloop_echo.py", needs=("uvloop",), tls=True),
     "asyncio": Server("asyncio", script=HERE / "servers" / "asyncio_echo.py", tls=True),
     "gevent": Server("gevent", script=HERE / "servers" / "gevent_echo.py", needs=("gevent",)),
@@ -730,14 +734,37 @@ def machine_info(python: str) -> Dict[str, str]:
     }
 
 
+def interpreter(server: Server, args: argparse.Namespace) -> str:
+    """The interpreter that runs ``server``'s script."""
+    return args.pypy if server.pypy else args.python
+
+
+def warmup(server: Server, args: argparse.Namespace) -> float:
+    """Seconds of load before the measured window: PyPy's JIT needs longer."""
+    return max(args.warmup, args.pypy_warmup) if server.pypy else args.warmup
+
+
 def check_server(server: Server, python: str) -> Tuple[bool, str]:
     """Whether ``server`` can run here: its script exists and the modules it
-    needs import under ``python``; returns (ok, version-or-reason)."""
+    needs import under ``python`` (for PyPy: pulse with its compiled backend,
+    so that PyPy is not compared on the portable fallback); returns
+    (ok, version-or-reason)."""
     if server.binary is not None:
         return True, ""
     assert server.script is not None
     if not server.script.exists():
         return False, "%s does not exist yet" % server.script.relative_to(REPO)
+    if server.pypy:
+        code = "import pulse; print(pulse.BACKEND)"
+        try:
+            proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60,
+                                  env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=str(REPO))
+        except OSError as exc:
+            return False, "%s: %s (run .ci/pypy.sh once, or give --pypy)" % (python, exc)
+        if proc.returncode != 0 or proc.stdout.strip() == "portable" or proc.stderr.strip():
+            return False, "%s cannot import pulse with its compiled backend: %s" % (
+                python, (proc.stderr.strip() or proc.stdout.strip())[-300:])
+        return True, ""
     if not server.needs:
         return True, ""
     code = "import %s as m; print(getattr(m, '__version__', '?'))" % server.needs[0]
@@ -814,6 +841,11 @@ def render_markdown(results: Results, cases: List[Case], servers: List[str], inf
     lines = ["# pulse echo benchmark", ""]
     lines.append("- CPU: %s, %s cores; %s; %s" % (info["cpu"], info["cores"], info["kernel"], info["os"]))
     lines.append("- Python (servers): %s; runner: %s" % (info["python"], info["runner_python"]))
+    if "pypy" in info:
+        lines.append("- PyPy (pypy servers): %s; JIT warm-up %.1f s of load before every window%s"
+                     % (info["pypy"], args.pypy_warmup,
+                        "; PYPY_GC_NURSERY=%s" % os.environ["PYPY_GC_NURSERY"]
+                        if os.environ.get("PYPY_GC_NURSERY") else ""))
     vers = ", ".join("%s: %s" % (k, v) for k, v in versions.items() if v)
     if vers:
         lines.append("- Peers: %s" % vers)
@@ -991,6 +1023,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="warmup seconds per run (default 1, --quick 0.5; raise for PyPy's JIT)")
     parser.add_argument("--idle-conns", type=int, default=10000, help="idle connections (default 10000)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the Python servers")
+    parser.add_argument("--pypy", default=None,
+                        help="PyPy interpreter for the pypy servers (pulse-pypy), with pulse importable "
+                             "and compiled for it (default: .venv-pypy/bin/python from .ci/pypy.sh, "
+                             "else pypy3 on PATH)")
+    parser.add_argument("--pypy-warmup", type=float, default=5.0,
+                        help="load before each window of a pypy server, for the JIT (default 5 s; "
+                             "see bench/README.md for how that was chosen)")
     parser.add_argument("--busy-poll", action="store_true",
                         help="load generator polls epoll without sleeping (removes wake-up IPI costs "
                              "from the server's account, notably on VMs; see README)")
@@ -1009,8 +1048,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.servers = QUICK_SERVERS if args.quick else DEFAULT_SERVERS
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    if not 0 < args.duration <= 600 or not 0 <= args.warmup <= 600:
-        parser.error("--duration must be in (0, 600] and --warmup in [0, 600]")
+    if not 0 < args.duration <= 600 or not 0 <= args.warmup <= 600 or not 0 <= args.pypy_warmup <= 600:
+        parser.error("--duration must be in (0, 600], --warmup and --pypy-warmup in [0, 600]")
+    if args.pypy is None:
+        venv = REPO / ".venv-pypy" / "bin" / "python"
+        args.pypy = str(venv) if venv.exists() else (shutil.which("pypy3") or "pypy3")
     if not 1 <= args.idle_conns <= 100000:
         parser.error("--idle-conns must be in [1, 100000]")
     return args
@@ -1083,7 +1125,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     servers: List[str] = []
     versions: Dict[str, str] = {}
     for n in names:
-        ok, detail = check_server(SERVERS[n], args.python)
+        ok, detail = check_server(SERVERS[n], interpreter(SERVERS[n], args))
         if ok:
             servers.append(n)
             if detail:
@@ -1094,6 +1136,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         log("error: no server available to benchmark")
         return 1
     info = machine_info(args.python)
+    if any(SERVERS[n].pypy for n in servers):
+        info["pypy"] = machine_info(args.pypy)["python"]
     tls_files: Optional[TlsFiles] = None
     if any(c.tls for c in cases):
         no_tls = [n for n in servers if not SERVERS[n].tls]
@@ -1140,12 +1184,13 @@ def run_all(args: argparse.Namespace, cases: List[Case], servers: List[str], bin
                     continue
                 wait_quiet(args.wait_quiet, 10.0, log)
                 try:
-                    with ServerProcess(SERVERS[name], args.python, binaries,
+                    with ServerProcess(SERVERS[name], interpreter(SERVERS[name], args), binaries,
                                        tls_files if case.tls else None) as srv:
                         if case.kind == "idle":
                             sample = measure_idle(srv, binaries["loadgen"], case, settle=0.5)
                         else:
-                            sample = measure_load(srv, binaries["loadgen"], case, args.duration, args.warmup,
+                            sample = measure_load(srv, binaries["loadgen"], case, args.duration,
+                                                  warmup(SERVERS[name], args),
                                                   args.busy_poll)
                 except BenchError as exc:
                     failed = True
