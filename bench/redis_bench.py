@@ -69,11 +69,11 @@ def bench_lock() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds used so far by process ``pid``, all its threads."""
+def cpu_seconds(pid: int) -> Tuple[float, float]:
+    """(user, system) CPU seconds used so far by process ``pid``, all its threads."""
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
 
 def free_port() -> int:
@@ -125,7 +125,7 @@ class Server:
             self.proc.wait()
         self.proc = None
 
-    def cpu(self) -> float:
+    def cpu(self) -> Tuple[float, float]:
         assert self.proc is not None
         return cpu_seconds(self.proc.pid)
 
@@ -181,12 +181,15 @@ def measure(server: Server, test: str, requests: int, clients: int, pipeline: in
             timeout: float) -> Dict[str, float]:
     """One locked measurement: requests per server CPU-second, requests/s, wall and CPU time."""
     with bench_lock():
-        cpu0 = server.cpu()
+        user0, sys0 = server.cpu()
         t0 = time.monotonic()
         rps = redis_benchmark(server.port, test, requests, clients, pipeline, timeout)
         wall = time.monotonic() - t0
-        cpu = server.cpu() - cpu0
+        user1, sys1 = server.cpu()
+    user, system = user1 - user0, sys1 - sys0
+    cpu = user + system
     return {"requests": requests, "rps": rps, "wall": wall, "cpu": cpu,
+            "user_us": 1e6 * user / requests, "sys_us": 1e6 * system / requests,
             "per_cpu_s": requests / cpu if cpu > 0 else float("inf")}
 
 
@@ -208,12 +211,12 @@ def warmup_curve(server: Server, args: argparse.Namespace) -> None:
         elapsed = 0.0
         with bench_lock():
             for i in range(args.curve_passes):
-                cpu0 = server.cpu()
+                cpu0 = sum(server.cpu())
                 t0 = time.monotonic()
                 rps = redis_benchmark(server.port, "get", args.curve_requests, args.clients,
                                       args.pipelines[0], args.timeout)
                 wall = time.monotonic() - t0
-                cpu = server.cpu() - cpu0
+                cpu = sum(server.cpu()) - cpu0
                 elapsed += wall
                 print("| %d | %.1f | %.0f | %.0f |" % (i + 1, elapsed, rps,
                                                       args.curve_requests / max(cpu, 1e-9)),
@@ -290,8 +293,8 @@ def main() -> None:
             server.stop()
 
     print("\n| server | test | -P | req per server CPU-s | x redis-server | req/s | "
-          "server CPU % | runs |")
-    print("|---|---|---|---|---|---|---|---|")
+          "server CPU % | user us/req | sys us/req | runs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for test, pipeline in cases:
         base = samples.get(("redis", test, pipeline))
         base_median = statistics.median(s["per_cpu_s"] for s in base) if base else None
@@ -300,9 +303,12 @@ def main() -> None:
             per_cpu = statistics.median(s["per_cpu_s"] for s in runs)
             rps = statistics.median(s["rps"] for s in runs)
             busy = statistics.median(100 * s["cpu"] / s["wall"] for s in runs)
+            user = statistics.median(s["user_us"] for s in runs)
+            system = statistics.median(s["sys_us"] for s in runs)
             ratio = "%.2f" % (per_cpu / base_median) if base_median else "-"
-            print("| %s | %s | %d | %.0f | %s | %.0f | %.0f | %d |" % (
-                server.name, test.upper(), pipeline, per_cpu, ratio, rps, busy, len(runs)))
+            print("| %s | %s | %d | %.0f | %s | %.0f | %.0f | %.2f | %.2f | %d |" % (
+                server.name, test.upper(), pipeline, per_cpu, ratio, rps, busy, user, system,
+                len(runs)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{"server": k[0], "test": k[1], "pipeline": k[2], "samples": v}
