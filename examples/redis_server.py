@@ -73,6 +73,10 @@ INT64_MAX = (1 << 63) - 1
 _INTEGER = re.compile(rb"0|-?[1-9][0-9]{0,18}").fullmatch
 # What CONFIG GET reports (redis-benchmark asks for these two at start).
 CONFIG = {b"save": b"", b"appendonly": b"no"}
+# "$<n>\r\n" for the common bulk lengths: concatenating a precomputed header
+# is cheaper than b"$%d\r\n%s\r\n" formatting (CPython 3.11: ~260 vs ~410 ns).
+BULK_HEADERS = tuple(b"$%d\r\n" % n for n in range(1024))
+CRLF = b"\r\n"
 
 monotonic = time.monotonic
 Command = List[bytes]
@@ -97,7 +101,10 @@ def error_line(message: str) -> bytes:
 
 
 def bulk(value: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(value), value)
+    size = len(value)
+    if size < 1024:
+        return BULK_HEADERS[size] + value + CRLF
+    return b"$%d\r\n%s\r\n" % (size, value)
 
 
 class Store:
@@ -220,7 +227,7 @@ class Store:
         value = self.data.get(key)
         if value is None:
             return NULL
-        return b"$%d\r\n%s\r\n" % (len(value), value)
+        return bulk(value)
 
     def set(self, args: Command) -> bytes:
         if len(args) == 3:  # the common case: no options
@@ -324,7 +331,7 @@ class Store:
             value = None
             if key not in expires or self._alive(key):
                 value = data.get(key)
-            out.append(NULL if value is None else b"$%d\r\n%s\r\n" % (len(value), value))
+            out.append(NULL if value is None else bulk(value))
         return b"".join(out)
 
     def mset(self, args: Command) -> bytes:
