@@ -27,7 +27,7 @@ Design notes:
   else.  In ``pool``/``thread`` mode several threads run commands at once:
   each batch runs under one lock (INCR and SET-with-TTL are read-modify-write
   over two dicts, which the GIL alone does not make atomic); in ``loop`` mode
-  the lock is never contended.
+  no lock is taken, since every batch and the sweep run on the loop's thread.
 
     python examples/redis_server.py --port 6380 [--workers N|auto] [--task-type ...]
     redis-cli -p 6380 set greeting hello
@@ -73,6 +73,10 @@ INT64_MAX = (1 << 63) - 1
 _INTEGER = re.compile(rb"0|-?[1-9][0-9]{0,18}").fullmatch
 # What CONFIG GET reports (redis-benchmark asks for these two at start).
 CONFIG = {b"save": b"", b"appendonly": b"no"}
+# "$<n>\r\n" for the common bulk lengths: concatenating a precomputed header
+# is cheaper than b"$%d\r\n%s\r\n" formatting (CPython 3.11: ~260 vs ~410 ns).
+BULK_HEADERS = tuple(b"$%d\r\n" % n for n in range(1024))
+CRLF = b"\r\n"
 
 monotonic = time.monotonic
 Command = List[bytes]
@@ -97,7 +101,10 @@ def error_line(message: str) -> bytes:
 
 
 def bulk(value: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(value), value)
+    size = len(value)
+    if size < 1024:
+        return BULK_HEADERS[size] + value + CRLF
+    return b"$%d\r\n%s\r\n" % (size, value)
 
 
 class Store:
@@ -127,22 +134,26 @@ class Store:
 
     def execute(self, commands: List[Command]) -> Tuple[bytes, bool]:
         """Replies to ``commands`` (one ``bytes``) and True when one was ``QUIT``."""
+        with self.lock:
+            return self.run(commands)
+
+    def run(self, commands: List[Command]) -> Tuple[bytes, bool]:
+        """``execute`` without the lock: for callers that all run on the loop's thread."""
         table = self._table
         out = []
         append = out.append
-        with self.lock:
-            for args in commands:
-                fn = table.get(args[0])
+        for args in commands:
+            fn = table.get(args[0])
+            if fn is None:
+                name = args[0].upper()
+                fn = table.get(name)
                 if fn is None:
-                    name = args[0].upper()
-                    fn = table.get(name)
-                    if fn is None:
-                        if name == b"QUIT":
-                            append(OK)
-                            return b"".join(out), True  # later commands are not run
-                        append(self.unknown(args))
-                        continue
-                append(fn(args))
+                    if name == b"QUIT":
+                        append(OK)
+                        return b"".join(out), True  # later commands are not run
+                    append(self.unknown(args))
+                    continue
+            append(fn(args))
         return out[0] if len(out) == 1 else b"".join(out), False
 
     # -- expiry ----------------------------------------------------------
@@ -220,7 +231,7 @@ class Store:
         value = self.data.get(key)
         if value is None:
             return NULL
-        return b"$%d\r\n%s\r\n" % (len(value), value)
+        return bulk(value)
 
     def set(self, args: Command) -> bytes:
         if len(args) == 3:  # the common case: no options
@@ -324,7 +335,7 @@ class Store:
             value = None
             if key not in expires or self._alive(key):
                 value = data.get(key)
-            out.append(NULL if value is None else b"$%d\r\n%s\r\n" % (len(value), value))
+            out.append(NULL if value is None else bulk(value))
         return b"".join(out)
 
     def mset(self, args: Command) -> bytes:
@@ -362,8 +373,11 @@ class Store:
 class MiniRedis(pulse.Handler):
     """One ``resp.RequestParser`` per connection (the session); one shared ``Store``."""
 
-    def __init__(self, store: Optional[Store] = None) -> None:
+    def __init__(self, store: Optional[Store] = None, threaded: bool = True) -> None:
         self.store = store if store is not None else Store()
+        # In loop mode every batch and the sweep run on the loop's thread: the
+        # lock is never contended, yet taking it was ~4% of the CPU at -P 1.
+        self.execute = self.store.execute if threaded else self.store.run
 
     def on_open(self, conn: pulse.Conn) -> None:
         # Every connection of a process shares one loop (one per process, also
@@ -376,12 +390,12 @@ class MiniRedis(pulse.Handler):
             commands = conn.session.feed(data)
         except resp.ProtocolError as exc:
             # As Redis: answer what came before the error, report it, close.
-            out = self.store.execute(exc.completed)[0] if exc.completed else b""
+            out = self.execute(exc.completed)[0] if exc.completed else b""
             conn.write(out + error_line("ERR Protocol error: %s" % exc))
             conn.close()
             return
         if commands:
-            out, quit_ = self.store.execute(commands)
+            out, quit_ = self.execute(commands)
             conn.write(out)
             if quit_:
                 conn.close()
@@ -393,7 +407,8 @@ class MiniRedis(pulse.Handler):
 
 def main() -> None:
     parser = example_cli.parser(__doc__, 6380)
-    example_cli.run(MiniRedis(), parser.parse_args())
+    args = parser.parse_args()
+    example_cli.run(MiniRedis(threaded=args.task_type != "loop"), args)
 
 
 if __name__ == "__main__":

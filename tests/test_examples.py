@@ -9,6 +9,7 @@ with the package to install.  Every client call is bounded by a timeout.
 """
 
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -337,6 +338,85 @@ def test_redis_cli_scripted_commands(redis_server: Example) -> None:
     script = "".join(command + "\n" for command, _ in REDIS_SCRIPT)
     expected = "".join(reply + "\n" for _, reply in REDIS_SCRIPT)
     assert redis_cli(redis_server, stdin=script) == expected
+
+
+class RealRedis:
+    """Debian's redis-server on a free 127.0.0.1 port, nothing saved to disk."""
+
+    def __init__(self) -> None:
+        path = need("redis-server", "redis-server")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [path, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=tempfile.gettempdir())
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise AssertionError("redis-server did not listen") from None
+                time.sleep(0.05)
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def multibulk(words: Sequence[str]) -> bytes:
+    return b"*%d\r\n" % len(words) + b"".join(
+        b"$%d\r\n%s\r\n" % (len(w.encode()), w.encode()) for w in words)
+
+
+def test_redis_answers_byte_for_byte_like_redis_server() -> None:
+    # The same bytes to the example and to the real redis-server, each ending
+    # in QUIT (or a protocol error) so that the reply is everything read to EOF.
+    real = RealRedis()
+    example = Example("redis_server.py")
+    try:
+        script = "".join(command + "\n" for command, _ in REDIS_SCRIPT)
+        assert redis_cli(example, stdin=script) == run_tool(
+            [need("redis-cli", "redis-tools"), "--no-raw", "-p", str(real.port)],
+            stdin=script.encode())
+        streams = [
+            b"".join(multibulk(shlex.split(command)) for command, _ in REDIS_SCRIPT),
+            b"PING\r\nECHO hello\r\nSET raw:k 5\nINCR raw:k\r\n*2\r\n$3\r\nGET\r\n"
+            b"$5\r\nraw:k\r\nDEL raw:k\r\nNOPE x\r\nget\r\n",
+            # Pipelined, as redis-benchmark -P 16 sends them, and a bulk holding CRLF.
+            b"".join(multibulk(["SET", "key:%d" % i, "v" * i]) + multibulk(["GET", "key:%d" % i])
+                     for i in range(16)) + multibulk(["SET", "crlf", "a\r\nb"])
+            + multibulk(["GET", "crlf"])
+            + multibulk(["DEL", "crlf"] + ["key:%d" % i for i in range(16)]),
+        ]
+        for stream in streams:
+            replies = []
+            for server in (example, real):
+                with server.connect() as sock:
+                    sock.sendall(stream + b"QUIT\r\n")
+                    replies.append(recv_until_eof(sock, time.monotonic() + 10))
+            assert replies[0] == replies[1], stream
+        # (Not a bulk without its CRLF: redis-server skips any two bytes there.)
+        for stream in (b"PING\r\n*1\r\n$4\r\nPING\r\n*x\r\nPING\r\n",
+                       b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$-2\r\n"):
+            replies = []
+            for server in (example, real):
+                with server.connect() as sock:
+                    sock.sendall(stream)
+                    replies.append(recv_until_eof(sock, time.monotonic() + 10))
+            assert replies[0] == replies[1], stream
+    finally:
+        example.stop()
+        real.stop()
 
 
 def test_redis_set_px_expires(redis_server: Example) -> None:

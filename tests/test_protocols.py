@@ -560,6 +560,23 @@ class TestRESPRequests:
     def test_property_garbage_mutated(self, blob: bytes, data: st.DataObject) -> None:
         self._check_garbage(blob, data)
 
+    @staticmethod
+    def _outcome(parser: "resp.RequestParser", blob: bytes) -> Tuple[Any, ...]:
+        try:
+            return ("ok", parser.feed(blob), parser.buffered)
+        except ProtocolError as exc:
+            return ("error", str(exc), exc.completed)
+
+    @prop
+    @given(blob=st.one_of(mutated(request_stream().map(lambda s: s[0])),
+                          soup(fragments + [b"$01\r\n", b"*1\r\n$3\r\na\r\nb\r\n"])))
+    def test_property_fast_path_agrees_with_general_parser(self, blob: bytes) -> None:
+        # The fast path (whole lines compared with precomputed ones) must see
+        # exactly the commands, errors and leftovers the general parser sees.
+        general = resp.RequestParser()
+        general._fast = False
+        assert self._outcome(resp.RequestParser(), blob) == self._outcome(general, blob)
+
 
 # ===========================================================================
 # RESP replies

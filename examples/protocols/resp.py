@@ -54,6 +54,18 @@ DEFAULT_MAX_COMMAND_SIZE = 1024 * 1024 * 1024
 # a 64-bit count needs at most 1 + 20 + 2 bytes.
 _COUNT_LINE = 32
 
+# RequestParser's fast path (see _parse_fast) takes commands of at most
+# _FAST_ARGS arguments of fewer than _FAST_BULK bytes each, written the
+# canonical way: it compares whole lines with these precomputed ones instead
+# of parsing digits.  Anything else goes to the general parser.
+_FAST_ARGS = 64
+_FAST_BULK = 1024
+_FAST_COUNTS = {b"*%d" % n: n for n in range(1, _FAST_ARGS + 1)}
+_FAST_HEADERS = tuple(b"$%d" % n for n in range(_FAST_BULK))
+# Larger input (a big value arriving) goes to the general parser: splitting
+# it into lines could make many small objects out of one large bulk.
+_FAST_MAX_DATA = 256 * 1024
+
 BytesLike = Union[bytes, bytearray, memoryview]
 Command = List[bytes]
 #: A parsed reply: SimpleString, ErrorReply, int, bytes, None (null) or a list of replies.
@@ -152,6 +164,7 @@ class RequestParser(_Incremental):
         "_need",
         "_line_limit",
         "_error",
+        "_fast",
     )
 
     def __init__(
@@ -175,6 +188,9 @@ class RequestParser(_Incremental):
         self._need = 0  # len(self._buf) needed before parsing can progress
         self._line_limit = 0  # non-zero: waiting for a line of at most this many bytes
         self._error: Optional[ProtocolError] = None
+        # The fast path checks no limit: only take it when none can be exceeded.
+        self._fast = (max_bulk_length >= _FAST_BULK - 1 and max_array_length >= _FAST_ARGS
+                      and max_command_size >= _FAST_ARGS * (_FAST_BULK - 1))
 
     @property
     def buffered(self) -> int:
@@ -195,6 +211,68 @@ class RequestParser(_Incremental):
         self._held = 0
 
     def _parse(self, data: bytes, out: List[Command]) -> None:
+        if self._args is None and self._fast and len(data) <= _FAST_MAX_DATA:
+            data = self._parse_fast(data, out)
+            if not data:
+                self._need = self._line_limit = 0
+                return
+        self._parse_general(data, out)
+
+    @staticmethod
+    def _parse_fast(data: bytes, out: List[Command]) -> bytes:
+        """Append the leading complete, canonical multibulk commands; return the rest.
+
+        One ``split`` cuts the input into CRLF-ended lines in C; a command is
+        then a count line (``*2``) found in ``_FAST_COUNTS``, and header and
+        argument lines that alternate, each header equal to the precomputed
+        ``$<len(argument)>``: one dict lookup, two slices and one list
+        comparison per command instead of per-byte parsing.  A bulk holding
+        CRLF is split short and fails the comparison, as does anything
+        malformed, inline or too big: the general parser takes over there.
+        """
+        lines = data.split(b"\r\n")
+        last = len(lines) - 1  # lines[last] is what follows the final CRLF
+        counts = _FAST_COUNTS
+        headers = _FAST_HEADERS
+        append = out.append
+        i = 0
+        try:
+            while i < last:
+                count = counts.get(lines[i])
+                if count is None:
+                    break
+                stop = i + 1 + 2 * count
+                if stop > last:  # incomplete: its last argument has no CRLF yet
+                    break
+                # Unrolled for the commands most sent (PING, GET, SET): a loop
+                # or a comprehension costs more than the checks themselves.
+                if count == 2:
+                    key = lines[i + 2]
+                    value = lines[i + 4]
+                    if lines[i + 1] != headers[len(key)] or lines[i + 3] != headers[len(value)]:
+                        break
+                    append([key, value])
+                elif count == 3:
+                    key = lines[i + 2]
+                    value = lines[i + 4]
+                    extra = lines[i + 6]
+                    if (lines[i + 1] != headers[len(key)] or lines[i + 3] != headers[len(value)]
+                            or lines[i + 5] != headers[len(extra)]):
+                        break
+                    append([key, value, extra])
+                else:
+                    args = lines[i + 2 : stop : 2]
+                    if lines[i + 1 : stop : 2] != [headers[len(arg)] for arg in args]:
+                        break
+                    append(args)
+                i = stop
+        except IndexError:  # an argument of _FAST_BULK bytes or more
+            pass
+        if not i:
+            return data
+        return b"\r\n".join(lines[i:])
+
+    def _parse_general(self, data: bytes, out: List[Command]) -> None:
         pos = 0
         end = len(data)
         args = self._args
