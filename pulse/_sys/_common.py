@@ -72,7 +72,12 @@ def recv(fd: int, nbytes: int) -> Optional[bytes]:
 
 def send(fd: int, data: Buffer) -> Optional[int]:
     """Send without raising SIGPIPE; bytes sent, or ``None`` on EAGAIN."""
-    return _result(lib.pulse_send(fd, ffi.from_buffer(data), len(data)), "send")
+    # A bytes object is passed as it is: cffi hands C its characters for
+    # the call.  On PyPy ffi.from_buffer would first move a young object
+    # out of the nursery for good (a copy, and garbage for a major
+    # collection); passed directly it is only pinned during the call.
+    ptr = data if type(data) is bytes else ffi.from_buffer(data)
+    return _result(lib.pulse_send(fd, ptr, len(data)), "send")
 
 
 def writev(fd: int, buffers: Sequence[Buffer]) -> Optional[int]:
