@@ -3,19 +3,28 @@
 ``DirectReads`` is a base of ``EventLoop`` (these are the loop's own
 methods).  The poll helper reports a connection marked in
 ``ReadArena.direct`` as ``READY`` instead of reading it into the arena; the
-loop then reads it here with ``os.read``.  For large messages this replaces
-a copy out of the read arena, which is cold by the time Python gets to it
-when many sockets were read in one call: at 64 KiB x 500 connections it
-halved the server's user-space CPU per request.  ``tuning.py`` holds the
-thresholds that switch a connection in and out.  Of a ``Conn`` it reads
-``_fd`` and ``_state`` (hot path) and calls its methods.
+loop then reads it here (``os.read``; ``ReadArena.read`` on PyPy).  For
+large messages this replaces a copy out of the read arena, which is cold by
+the time Python gets to it when many sockets were read in one call: at
+64 KiB x 500 connections it halved the server's user-space CPU per request.
+``tuning.py`` holds the thresholds that switch a connection in and out.  Of
+a ``Conn`` it reads ``_fd`` and ``_state`` (hot path) and calls its methods.
 """
 
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 from ._sys.flags import HUP as _HUP
 from .tuning import DIRECT_READ_OFF
+
+# CPython reads with os.read, into the bytes it returns; PyPy through the
+# arena's 64-byte aligned scratch (ReadArena.read) and one copy, which cost
+# it less than os.read's unaligned destination and its 128 KiB allocation per
+# read (bench/run.py 2026-12-04, us/req os.read -> ReadArena.read: PyPy
+# 64 KiB x 50 34.5 -> 21.9, 16 KiB x 50 12.7 -> 9.5, 64 KiB x 1 47.9 -> 51.5;
+# CPython 22.6 -> 25.2, 10.5 -> 11.0, 56.5 -> 58.7: the copy wins nothing).
+_OS_READ = sys.implementation.name != "pypy"
 
 if TYPE_CHECKING:  # pragma: no cover
     from .conn import Conn
@@ -25,6 +34,7 @@ class DirectReads:
     """``_read_direct`` of the event loop."""
 
     # Provided by EventLoop.
+    _arena: Any
     _read_size: int
     _max_reads: int
     _track_idle: bool
@@ -47,9 +57,10 @@ class DirectReads:
         fd = conn._fd
         hup = flags & _HUP
         size = self._read_size
+        read = os.read if _OS_READ else self._arena.read
         for _ in range(self._max_reads):
             try:
-                data = os.read(fd, size)
+                data = read(fd, size)
             except BlockingIOError:
                 return
             except OSError as exc:

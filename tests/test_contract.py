@@ -61,6 +61,8 @@ def test_every_loadable_backend_follows_the_contract(name: str) -> None:
         assert isinstance(waker.ident, int)
         arena = module.ReadArena(1 << 16, 64)
         assert (arena.direct is not None) == (contract.DIRECT_READS in module.CAPABILITIES)
+        if contract.DIRECT_READS in module.CAPABILITIES:
+            assert callable(getattr(arena, "read", None)), name
         batch = module.WriteBatch(1 << 16, 16)
         assert batch.send(0) == 0
     finally:

@@ -186,7 +186,18 @@ def accept_batch(listen_fd: int, poller: Any, nodelay: bool, edge: bool,
 
 
 ADDR_SIZE = lib.PULSE_ADDR_SIZE
+READ_ALIGN = lib.PULSE_READ_ALIGN
 _uncleared = ffi.new_allocator(should_clear_after_alloc=False)
+
+
+def aligned(size: int) -> Tuple[Any, Any]:
+    """``size`` bytes that start on a ``READ_ALIGN`` boundary, as
+    ``(owner, pointer)``: keep the owner alive as long as the pointer.  The
+    kernel copies into an unaligned destination at about half the speed
+    (an AMD EPYC, 64 KiB echo: 22 against 48 us of system time per
+    request), and malloc only promises 16."""
+    block = ffi.new("char[]", size + READ_ALIGN)
+    return block, block + (-int(ffi.cast("uintptr_t", block)) % READ_ALIGN)
 
 
 class ReadArena:
@@ -202,14 +213,36 @@ class ReadArena:
     def __init__(self, size: int, max_records: int) -> None:
         self.size = size
         self.max_records = max_records
-        self.cbuf = ffi.new("char[]", size)
+        # Every read lands on a 64-byte boundary (the C helper rounds its
+        # position up too): see aligned().
+        self._block, self.cbuf = aligned(size)
         self.crecords = ffi.new("int[]", 4 * max_records)
-        self.data = memoryview(ffi.buffer(self.cbuf))
+        self.data = memoryview(ffi.buffer(self.cbuf, size))
         self.records = memoryview(ffi.buffer(self.crecords)).cast("i")
         self.ccarry = ffi.new("int[]", max_records)
         self.ndirect = DIRECT_FDS
         self.cdirect = ffi.new("unsigned char[]", DIRECT_FDS)
         self.direct: Optional[memoryview] = memoryview(ffi.buffer(self.cdirect))
+        self._scratch_size = 0
+        self._scratch: Any = None
+
+    def read(self, fd: int, nbytes: int) -> bytes:
+        """Read up to ``nbytes`` of a socket the caller reads itself
+        (``direct``), as ``os.read`` does: ``b""`` at EOF, ``BlockingIOError``
+        when nothing waits, ``OSError`` on failure.  The kernel writes into
+        an aligned scratch buffer (see ``aligned``), then one copy makes the
+        bytes."""
+        if nbytes > self._scratch_size:
+            self._scratch = aligned(nbytes)
+            self._scratch_size = nbytes
+        buf = self._scratch[1]
+        while True:
+            got = lib.recv(fd, buf, nbytes, 0)
+            if got >= 0:
+                return ffi.unpack(buf, got)
+            code = lib.pulse_errno()
+            if code != errno.EINTR:
+                raise_errno(code, "recv")
 
 
 class WriteBatch:

@@ -63,7 +63,8 @@ def registration_error(count: int, code: int) -> OSError:
 
 
 #: Capability: ``ReadArena.direct`` is honoured, so ``poll_read`` reports a
-#: socket whose ``direct[fd]`` is 1 as ``READY`` instead of reading it.
+#: socket whose ``direct[fd]`` is 1 as ``READY`` instead of reading it, and
+#: ``ReadArena.read(fd, nbytes)`` reads one as ``os.read`` does.
 DIRECT_READS = "direct_reads"
 
 

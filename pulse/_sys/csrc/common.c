@@ -64,7 +64,10 @@ void pulse_read_socket(struct pulse_reads *r, int fd, int hup, int maxrecs) {
         ssize_t got = recv(fd, r->arena + r->pos, want, 0);
         if (got > 0) {
             pulse_emit(r, fd, PULSE_READ, (int)r->pos, (int)got);
-            r->pos += (unsigned int)got;
+            /* The next read starts on a boundary (records never assume that
+               one socket's reads are contiguous). */
+            r->pos += ((unsigned int)got + PULSE_READ_ALIGN - 1) & ~(unsigned int)(PULSE_READ_ALIGN - 1);
+            if (r->pos > r->arena_size) { r->pos = r->arena_size; }
             reads++;
             if ((size_t)got < want && !hup) { return; }
             if (reads >= r->max_reads) {
