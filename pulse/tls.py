@@ -34,10 +34,10 @@ like frame their own messages; a cut record is never complete.
 
 import logging
 import ssl
-import threading
 from typing import TYPE_CHECKING, Any, List, Optional, Union
 
 from .states import OPEN
+from .tlsbuffers import bio_input, drain, read_buffer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .conn import Conn
@@ -45,10 +45,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger("pulse")
 
-# Plaintext read out of the SSLObject per call, into one buffer per thread:
-# a 16 KiB record at a time costs a call each, and a buffer allocated per
-# call is the 256 KiB malloc per read that asyncio's users measured.
-READ_BUFFER_SIZE = 256 * 1024
 # While the incoming BIO holds at most one record (16 KiB of plaintext plus
 # at most 256 bytes of expansion), its plaintext, never larger, is read
 # straight into the bytes object on_data gets, sized by it: no copy out of
@@ -62,20 +58,6 @@ DIRECT_READ_MAX = 16 * 1024 + 256
 ENCRYPT_CHUNK = 256 * 1024
 # A TLS record header: type (1), version (2), length (2).
 RECORD_HEADER = 5
-
-
-_buffers = threading.local()
-
-
-def _read_buffer() -> memoryview:
-    """The buffer TLS decrypts into: one per thread, since TLS runs on a
-    loop's own thread only (and each loop has one)."""
-    try:
-        view: memoryview = _buffers.view
-        return view
-    except AttributeError:
-        _buffers.view = view = memoryview(bytearray(READ_BUFFER_SIZE))
-        return view
 
 
 def check_context(context: Any, server_side: bool, server_hostname: Optional[str] = None,
@@ -228,7 +210,7 @@ class TLS:
         if self.failed:
             return
         self._track(data)
-        self._incoming.write(data)
+        self._incoming.write(bio_input(data))
         if self.handshaking:
             self._handshake()
         else:
@@ -261,7 +243,7 @@ class TLS:
         """Decrypt what the incoming BIO holds and deliver it in large chunks."""
         conn = self._conn
         loop = self._loop
-        view = _read_buffer()
+        view = read_buffer()
         room = len(view)
         obj = self.obj
         incoming = self._incoming
@@ -342,8 +324,8 @@ class TLS:
         close_notify ends the wait as its FIN would."""
         if self.failed or self.peer_notified:
             return
-        self._incoming.write(data)
-        view = _read_buffer()
+        self._incoming.write(bio_input(data))
+        view = read_buffer()
         while True:
             try:
                 if not self.obj.read(len(view), view):  # type: ignore[arg-type]
@@ -409,7 +391,7 @@ class TLS:
         """Hand the records the SSLObject produced to the socket's write path."""
         out = self._outgoing
         if out.pending:
-            self._conn._raw_write(out.read())
+            self._conn._raw_write(drain(out))
 
     def cancel(self) -> None:
         """The connection is closing for good: no timer outlives it."""
