@@ -71,7 +71,8 @@ if _PYPY:  # pragma: no cover - the PyPy run of the suite covers it
             return view
 
     def _cffi_input(data: Union[bytes, memoryview]) -> Any:
-        # Only a memoryview needs it (bytes go to C as they are); the BIO
+        # The loop feeds memoryviews of its read arena (raw memory: no copy
+        # at all); bytes (what start_tls kept) go as they are.  The BIO
         # copies the bytes in during the call, so no pointer outlives it.
         if type(data) is memoryview:
             return _ffi.buffer(_ffi.from_buffer(data), len(data))
