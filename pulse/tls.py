@@ -227,9 +227,9 @@ class TLS:
         head = self._head
         while pos < size:
             if head or size - pos < RECORD_HEADER:
-                need = RECORD_HEADER - len(head)
-                head += bytes(data[pos:pos + need])
-                pos += need
+                piece = bytes(data[pos:pos + RECORD_HEADER - len(head)])
+                head += piece
+                pos += len(piece)  # (not past the end: the rest of the header comes next)
                 if len(head) < RECORD_HEADER:
                     break
                 pos += (head[3] << 8) | head[4]
