@@ -33,11 +33,20 @@ _PYPY = sys.implementation.name == "pypy"
 
 
 def _heap_buffer() -> memoryview:
+    return memoryview(bytearray(READ_BUFFER_SIZE))
+
+
+#: Makes a thread's plaintext buffer (raw memory on PyPy, below).
+_new_buffer: Callable[[], memoryview] = _heap_buffer
+
+
+def read_buffer() -> memoryview:
+    """This thread's buffer that plaintext is decrypted into."""
     try:
         view: memoryview = _local.view
         return view
     except AttributeError:
-        _local.view = view = memoryview(bytearray(READ_BUFFER_SIZE))
+        _local.view = view = _new_buffer()
         return view
 
 
@@ -49,8 +58,6 @@ def _bio_read(bio: ssl.MemoryBIO) -> bytes:
     return bio.read()
 
 
-#: ``read_buffer()``: this thread's buffer that plaintext is decrypted into.
-read_buffer: Callable[[], memoryview] = _heap_buffer
 #: ``bio_input(data)``: ``data`` as the incoming BIO takes it cheapest.
 bio_input: Callable[[Union[bytes, memoryview]], Any] = _same_input
 #: ``drain(bio)``: every byte the outgoing BIO holds, as bytes.
@@ -62,13 +69,8 @@ if _PYPY:  # pragma: no cover - the PyPy run of the suite covers it
     _ffi = FFI()
 
     def _raw_buffer() -> memoryview:
-        try:
-            view: memoryview = _local.view
-            return view
-        except AttributeError:
-            _local.raw = raw = _ffi.new("char[]", READ_BUFFER_SIZE)
-            _local.view = view = memoryview(_ffi.buffer(raw))
-            return view
+        # (the cffi buffer keeps the memory it views alive)
+        return memoryview(_ffi.buffer(_ffi.new("char[]", READ_BUFFER_SIZE)))
 
     def _cffi_input(data: Union[bytes, memoryview]) -> Any:
         # The loop feeds memoryviews of its read arena (raw memory: no copy
@@ -78,7 +80,7 @@ if _PYPY:  # pragma: no cover - the PyPy run of the suite covers it
             return _ffi.buffer(_ffi.from_buffer(data), len(data))
         return data
 
-    read_buffer, bio_input = _raw_buffer, _cffi_input
+    _new_buffer, bio_input = _raw_buffer, _cffi_input
 
     try:
         from _pypy_openssl import ffi as _ossl_ffi, lib as _ossl_lib  # type: ignore

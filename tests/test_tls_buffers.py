@@ -28,7 +28,7 @@ def test_pypy_takes_its_fast_paths() -> None:
         return
     assert tlsbuffers.drain is not tlsbuffers._bio_read
     assert tlsbuffers.bio_input is not tlsbuffers._same_input
-    assert tlsbuffers.read_buffer is not tlsbuffers._heap_buffer
+    assert tlsbuffers._new_buffer is not tlsbuffers._heap_buffer
 
 
 @pytest.mark.parametrize("size", [1, 5, 16 * 1024 + 22, tlsbuffers.READ_BUFFER_SIZE,
